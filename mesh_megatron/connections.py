@@ -1,0 +1,95 @@
+"""How one loop iteration hands its state to the next: the paper's baselines (§3 of ../shared/mesh_spec.md).
+
+General form (Eq. 1): h^(t+1) = f_core(h^(t)) + h_sup^(t), h^(0) = f_pre(h_emb).
+
+    base         h_sup = 0
+    residual     h_sup = h^(t)          (doubles the identity path: f_core has its own residual stream)
+    anchor       h_sup = h^(0)          (the prelude output, the state entering the loop)
+    anchor_star  h_sup = h_emb          (raw token embeddings)
+    a+b          the sum of the named supplements (Table 4 ablations)
+    static_comb  h^(t+1) = a1 f_core(h^(t)) + a2 h^(0) + a3 h_emb, trainable scalars (Ng & Wang 2024)
+    dynamic_comb the same, with (a1, a2, a3) per token from a per-iteration linear map of h^(t)
+
+Every connection has the same two-call interface as MeshConnection: start(h_emb, h_pre) -> (h^(0), state) and
+step(t, h, h_core, state) -> (h^(t+1), state), so the model's loop is one piece of code for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mesh_megatron.config import ModelConfig
+from mesh_megatron.mesh import MeshConnection
+
+
+@dataclass
+class LoopInputs:
+    h_emb: torch.Tensor
+    h0: torch.Tensor
+
+
+class SupplementConnection(nn.Module):
+    """base / residual / anchor / anchor_star and their sums: no parameters."""
+
+    def __init__(self, supplements: tuple[str, ...]):
+        super().__init__()
+        self.supplements = supplements
+
+    def start(self, h_emb, h_pre, record=None):
+        return h_pre, LoopInputs(h_emb=h_emb, h0=h_pre)
+
+    def step(self, t, h, h_core, state: LoopInputs, record=None):
+        out = h_core
+        for s in self.supplements:
+            out = out + {"residual": h, "anchor": state.h0, "anchor_star": state.h_emb}[s]
+        return out, state
+
+
+class StaticCombConnection(nn.Module):
+    """Trainable scalars (a1, a2, a3); initialised to (1, 0, 0), i.e. starting as the base recursion."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor([1.0, 0.0, 0.0], dtype=dtype))
+
+    def start(self, h_emb, h_pre, record=None):
+        return h_pre, LoopInputs(h_emb=h_emb, h0=h_pre)
+
+    def step(self, t, h, h_core, state: LoopInputs, record=None):
+        a = self.alpha
+        return a[0] * h_core + a[1] * state.h0 + a[2] * state.h_emb, state
+
+
+class DynamicCombConnection(nn.Module):
+    """Per-token (a1, a2, a3) = W^(t) h^(t) + b^(t). The paper gives no functional form; this is our choice:
+    one linear map per trained iteration (extra inference loops reuse the last), W = 0 and b = (1, 0, 0) at init."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(cfg.hidden_size, 3, dtype=dtype) for _ in range(cfg.num_loops))
+        for g in self.gates:
+            nn.init.zeros_(g.weight)
+            with torch.no_grad():
+                g.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+
+    def start(self, h_emb, h_pre, record=None):
+        return h_pre, LoopInputs(h_emb=h_emb, h0=h_pre)
+
+    def step(self, t, h, h_core, state: LoopInputs, record=None):
+        a = self.gates[min(t, len(self.gates) - 1)](h).unsqueeze(-1)  # [s, b, 3, 1]
+        return a[..., 0, :] * h_core + a[..., 1, :] * state.h0 + a[..., 2, :] * state.h_emb, state
+
+
+def build_connection(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    if cfg.arch == "mesh":
+        return MeshConnection(cfg, dtype)
+    if cfg.connection == "static_comb":
+        return StaticCombConnection(dtype)
+    if cfg.connection == "dynamic_comb":
+        return DynamicCombConnection(cfg, dtype)
+    if cfg.connection == "base":
+        return SupplementConnection(())
+    return SupplementConnection(tuple(cfg.connection.split("+")))

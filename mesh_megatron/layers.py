@@ -1,0 +1,184 @@
+"""The GPT-NeoX (Pythia) transformer layer on megatron-core tensor-parallel linears.
+
+    y = x + Attn(LN1(x)) + MLP(LN2(x))          (parallel "gpt-j" residual, pre-LN, biases everywhere)
+
+Activations are [seq, batch, hidden] as in megatron-core, so sequence parallelism (seq split over TP ranks)
+falls out of the parallel linears: ColumnParallelLinear all-gathers the sequence, RowParallelLinear
+reduce-scatters it back.
+
+The fused QKV projection keeps GPT-NeoX's per-head layout [heads, (q, k, v), head_dim] on its output dim,
+so a TP split of that dim hands each rank whole heads, and the weights map 1:1 to Hugging Face GPTNeoX.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from mesh_megatron.config import ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+# --- initialisation -------------------------------------------------------------------------------
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def init_(t: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(t, mean=0.0, std=std)
+
+    return init_
+
+
+def base_std(cfg: ModelConfig) -> float:
+    """Pythia's small_init: sqrt(2 / (5 d)) (Nguyen & Salazar 2019); or a plain std."""
+    return math.sqrt(2.0 / (5.0 * cfg.hidden_size)) if cfg.init_method == "small_init" else cfg.init_std
+
+
+def output_std(cfg: ModelConfig) -> float:
+    """Std of the attention-out and MLP-down projections, scaled by the *unrolled* depth N.
+
+    wang:   2 / (N sqrt(d))          (Pythia / GPT-NeoX wang_init)
+    scaled: base_std / sqrt(2 N)     (the MeSH paper's "depth-aware" init, N = compute depth)
+    """
+    n = cfg.effective_depth()
+    if cfg.output_layer_init == "wang":
+        return 2.0 / (n * math.sqrt(cfg.hidden_size))
+    return base_std(cfg) / math.sqrt(2.0 * n)
+
+
+def megatron_config(cfg: ModelConfig, tp_size: int) -> TransformerConfig:
+    """The megatron-core config its parallel layers read (parallelism, dtype, init placement)."""
+    return TransformerConfig(
+        num_layers=max(cfg.effective_depth(), 1),
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_size,
+        tensor_model_parallel_size=tp_size,
+        sequence_parallel=cfg.sequence_parallel and tp_size > 1,
+        params_dtype=torch_dtype(cfg.params_dtype),
+        # Full master weights are built on CPU and then split: the same seed gives the same model at any TP size.
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        rotary_interleaved=False,
+    )
+
+
+# --- rotary ------------------------------------------------------------------------------------------
+
+
+def rotary_freqs(cfg: ModelConfig, seq_len: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """GPT-NeoX rotary angles for the first rotary_pct of each head's dims: [seq, 1, 1, rot_dim].
+
+    (megatron-core's RotaryEmbedding module computes the same but only on CUDA; applying them uses its
+    `apply_rotary_pos_emb`.)
+    """
+    dim = int(cfg.head_dim * cfg.rotary_pct)
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    pos = torch.arange(offset, offset + seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(pos, inv_freq)
+    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+
+
+# --- sub-layers ---------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, tp_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.heads_local = cfg.num_attention_heads // tp_size
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=True, gather_output=False
+        )
+        self.dense = tensor_parallel.RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(output_std(cfg)), bias=True,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+        self.mcfg = mcfg
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+        qkv, _ = self.qkv(x)  # [s, b, 3 * hidden / tp]
+        s, b, _ = qkv.shape
+        qkv = qkv.view(s, b, self.heads_local, 3, self.cfg.head_dim)
+        q, k, v = qkv.unbind(dim=3)  # each [s, b, h, d]
+        if freqs is not None and freqs.shape[-1] > 0:
+            q = apply_rotary_pos_emb(q, freqs, self.mcfg)
+            k = apply_rotary_pos_emb(k, freqs, self.mcfg)
+        # SDPA picks flash / memory-efficient kernels on GPU.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, s, d]
+        p = self.cfg.attention_dropout if self.training else 0.0
+        if p > 0 and torch.cuda.is_available():
+            # Heads differ per TP rank, so dropout there uses megatron-core's TP-rank-specific RNG stream.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.cfg.head_dim)
+        out, _ = self.dense(out)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig):
+        super().__init__()
+        self.fc1 = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=True, gather_output=False
+        )
+        self.fc2 = tensor_parallel.RowParallelLinear(
+            cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=normal_init(output_std(cfg)), bias=True,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc1(x)
+        h, _ = self.fc2(F.gelu(h))  # exact (erf) GELU, as GPT-NeoX / HF "gelu"
+        return h
+
+
+def layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, dtype=torch_dtype(cfg.params_dtype))
+
+
+class NeoXLayer(nn.Module):
+    """One GPT-NeoX block: x + Attn(LN1 x) + MLP(LN2 x)."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, tp_size: int):
+        super().__init__()
+        self.ln1 = layer_norm(cfg)
+        self.ln2 = layer_norm(cfg)
+        self.attn = SelfAttention(cfg, mcfg, tp_size)
+        self.mlp = MLP(cfg, mcfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+        return x + self.dropout(self.attn(self.ln1(x), freqs)) + self.dropout(self.mlp(self.ln2(x)))
+
+
+class Stack(nn.ModuleList):
+    """A run of NeoX layers (prelude, core, coda or the whole vanilla model)."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, tp_size: int, n: int, recompute_layers: bool = False):
+        super().__init__(NeoXLayer(cfg, mcfg, tp_size) for _ in range(n))
+        self.recompute_layers = recompute_layers
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+        for layer in self:
+            if self.recompute_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, freqs, use_reentrant=False)
+            else:
+                x = layer(x, freqs)
+        return x

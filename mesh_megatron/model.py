@@ -1,0 +1,134 @@
+"""The language model: embeddings -> Prelude -> (Core, connection) x K -> Coda -> LN -> LM head.
+
+Vanilla Pythia is the degenerate case with no loop (all layers in one unshared stack). The core is one
+`Stack` called K times, so its weights exist once (one parameter, one checkpoint entry) however many loops run,
+and K can be changed per call (`num_loops=`) at inference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from torch import nn
+
+from mesh_megatron.config import ModelConfig
+from mesh_megatron.connections import build_connection
+from mesh_megatron.layers import Stack, base_std, layer_norm, megatron_config, normal_init, rotary_freqs, torch_dtype
+
+
+class MeshGPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("call mesh_megatron.parallel.initialize_parallel(tp) before building the model")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        cfg.validate_parallel(tp)
+        self.cfg = cfg
+        self.tp_size = tp
+        self.sequence_parallel = cfg.sequence_parallel and tp > 1
+        mcfg = megatron_config(cfg, tp)
+        dtype = torch_dtype(cfg.params_dtype)
+
+        self.embed = tensor_parallel.VocabParallelEmbedding(
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=normal_init(base_std(cfg)), config=mcfg,
+            reduce_scatter_embeddings=self.sequence_parallel,
+        )
+        per_layer = cfg.recompute == "layer"
+        if cfg.arch == "vanilla":
+            self.layers = Stack(cfg, mcfg, tp, cfg.num_layers, per_layer)
+        else:
+            self.prelude = Stack(cfg, mcfg, tp, cfg.prelude_layers, per_layer)
+            self.core = Stack(cfg, mcfg, tp, cfg.core_layers, per_layer)
+            self.coda = Stack(cfg, mcfg, tp, cfg.coda_layers, per_layer)
+            self.connection = build_connection(cfg, dtype)
+        self.final_ln = layer_norm(cfg)
+        # Untied output embedding (Pythia); vocab split over TP ranks, logits stay split for the parallel CE.
+        self.lm_head = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, cfg.padded_vocab_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=False,
+            gather_output=False,
+        )
+        if self.sequence_parallel:
+            self._sum_replicated_grads_over_tp()
+
+    # ------------------------------------------------------------------------------------------------
+    def _sum_replicated_grads_over_tp(self) -> None:
+        """Under sequence parallelism each TP rank sees a slice of the sequence, so the gradients of replicated
+        parameters (LayerNorms, routers, row-parallel biases) are partial sums: all-reduce them as they arrive."""
+        group = parallel_state.get_tensor_model_parallel_group()
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=group)
+            return grad
+
+        for p in self.parameters():
+            if not getattr(p, "tensor_model_parallel", False):
+                p.register_hook(hook)
+
+    def replicated_parameters(self) -> dict[str, torch.Tensor]:
+        """Parameters every TP rank holds in full (must stay identical across TP ranks)."""
+        return {n: p for n, p in self.named_parameters() if not getattr(p, "tensor_model_parallel", False)}
+
+    # ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        num_loops: int | None = None,
+        record: list | None = None,
+    ) -> torch.Tensor:
+        """input_ids [b, s] -> per-token loss [b, s] (fp32) if labels are given, else TP-local logits [b, s, V/tp].
+
+        `num_loops` overrides K for this call. `record`, if a list, receives (name, tensor) pairs of the states
+        along the way (embeddings, loop inputs/outputs, router weights) for the probing diagnostics.
+        """
+        cfg = self.cfg
+        k = cfg.num_loops if num_loops is None else num_loops
+        if cfg.arch != "vanilla" and k < 1:
+            raise ValueError(f"num_loops must be >= 1, got {k}")
+        h = self.embed(input_ids)
+        if not self.sequence_parallel:
+            h = h.transpose(0, 1).contiguous()  # [s, b, d]; under SP the embedding already returns [s/tp, b, d]
+        if cfg.scale_embeddings:
+            h = h * math.sqrt(cfg.hidden_size)
+        freqs = rotary_freqs(cfg, input_ids.shape[1], h.device)
+        rec = record is not None and record.append
+        if rec:
+            rec(("h_emb", h.detach()))
+
+        if cfg.arch == "vanilla":
+            h = self.layers(h, freqs)
+        else:
+            h_emb = h
+            h_pre = self.prelude(h_emb, freqs)
+            h, state = self.connection.start(h_emb, h_pre, record)
+            if rec:
+                rec(("h_pre", h_pre.detach()))
+                rec(("h_loop.0", h.detach()))
+            for t in range(k):
+                if cfg.recompute == "loop" and torch.is_grad_enabled():
+                    h_core = torch.utils.checkpoint.checkpoint(self.core, h, freqs, use_reentrant=False)
+                else:
+                    h_core = self.core(h, freqs)
+                h, state = self.connection.step(t, h, h_core, state, record)
+                if rec:
+                    rec((f"h_core.{t}", h_core.detach()))
+                    rec((f"h_loop.{t + 1}", h.detach()))
+            h = self.coda(h, freqs)
+        if rec:
+            rec(("h_out", h.detach()))
+
+        logits, _ = self.lm_head(self.final_ln(h))  # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        return loss.transpose(0, 1).contiguous()
+
+    def gather_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """TP-local [b, s, V/tp] -> full [b, s, V] (padded vocab)."""
+        if self.tp_size == 1:
+            return local_logits
+        return tensor_parallel.gather_from_tensor_model_parallel_region(local_logits)

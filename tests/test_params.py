@@ -1,0 +1,74 @@
+"""Parameter counts equal Pythia's official totals and the MeSH paper's Table 5; the analytic count equals the
+number of parameters the built model actually has."""
+
+import pytest
+import torch
+
+from mesh_megatron.config import ModelConfig
+from mesh_megatron.params import count_parameters, flops_per_token
+
+# Pythia totals (EleutherAI, reproduced in ../shared/anchors.md §4) and MeSH Table 5 (../shared/mesh_spec.md §1.4).
+PYTHIA_TOTAL = {
+    "160m": 162_322_944,
+    "410m": 405_334_016,
+    "1b": 1_011_781_632,
+    "1.4b": 1_414_647_808,
+    "2.8b": 2_775_208_960,
+    "6.9b": 6_857_302_016,
+}
+PAPER_NON_EMB = {  # config: (vanilla, recursive, router, recursive+mesh)
+    "160m": (85_056_000, 56_704_512, 23_070, 56_727_582),
+    "410m": (302_311_424, 201_541_632, 30_750, 201_572_382),
+    "410m-3loop": (302_311_424, 151_156_736, 49_200, 151_205_936),
+    "1b": (805_736_448, 553_945_088, 61_470, 554_006_558),
+    "1.4b": (1_208_602_624, 805_736_448, 61_470, 805_797_918),
+}
+
+
+@pytest.mark.parametrize("size, total", PYTHIA_TOTAL.items())
+def test_vanilla_totals_match_pythia(size, total):
+    assert count_parameters(ModelConfig.from_yaml(f"configs/pythia-{size}-vanilla.yaml"))["total"] == total
+
+
+@pytest.mark.parametrize("size, counts", PAPER_NON_EMB.items())
+def test_recursive_and_mesh_match_paper_table5(size, counts):
+    vanilla, recursive, router, mesh = counts
+    if size != "410m-3loop":
+        assert count_parameters(ModelConfig.from_yaml(f"configs/pythia-{size}-vanilla.yaml"))["non_embedding"] == vanilla
+    assert count_parameters(ModelConfig.from_yaml(f"configs/pythia-{size}-recursive.yaml"))["non_embedding"] == recursive
+    m = count_parameters(ModelConfig.from_yaml(f"configs/pythia-{size}-mesh.yaml"))
+    assert (m["router"], m["non_embedding"]) == (router, mesh)
+
+
+def test_matched_compute_across_variants():
+    # Same compute depth => the same FLOPs/token up to the MeSH routers (paper: +0.014%).
+    f = {a: flops_per_token(ModelConfig.from_yaml(f"configs/pythia-1.4b-{a}.yaml")) for a in ("vanilla", "recursive", "mesh")}
+    assert f["vanilla"] == f["recursive"]
+    assert 0 < (f["mesh"] - f["recursive"]) / f["recursive"] < 2e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-vanilla", "tiny-recursive", "tiny-anchor", "tiny-mesh"])
+def test_analytic_count_equals_built_model(single_process, name):
+    from mesh_megatron.model import MeshGPTModel
+
+    cfg = ModelConfig.from_yaml(f"configs/{name}.yaml")
+    model = MeshGPTModel(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+
+
+@pytest.mark.parametrize("connection, extra", [("static_comb", 3), ("dynamic_comb", 2 * (3 * 64 + 3))])
+def test_learned_combinations_counted(single_process, connection, extra):
+    from mesh_megatron.model import MeshGPTModel
+
+    cfg = ModelConfig.from_yaml("configs/tiny-recursive.yaml").replace(connection=connection)
+    model = MeshGPTModel(cfg)
+    assert count_parameters(cfg)["router"] == extra
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+
+
+def test_mesh_params_cli(capsys):
+    from mesh_megatron.cli import params_main
+
+    assert params_main(["configs/pythia-160m-vanilla.yaml", "configs/pythia-1.4b-mesh.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "162,322,944" in out and "805,797,918" in out and "61,470" in out
