@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
-from mesh_megatron.config import ModelConfig
+from mesh_megatron.config import ConfigError, ModelConfig
 from mesh_megatron.connections import build_connection
 from mesh_megatron.layers import Stack, base_std, layer_norm, megatron_config, normal_init, rotary_freqs, torch_dtype
 
@@ -26,6 +26,11 @@ class MeshGPTModel(nn.Module):
             raise RuntimeError("call mesh_megatron.parallel.initialize_parallel(tp) before building the model")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cfg.validate_parallel(tp)
+        if cfg.sequence_parallel and tp > 1 and not torch.cuda.is_available():
+            raise ConfigError(
+                "model.sequence_parallel: needs CUDA (megatron-core's sequence-parallel all-gather / reduce-scatter "
+                "allocate on the GPU, and gloo has no reduce-scatter); set it to false on CPU"
+            )
         self.cfg = cfg
         self.tp_size = tp
         self.sequence_parallel = cfg.sequence_parallel and tp > 1
@@ -131,4 +136,7 @@ class MeshGPTModel(nn.Module):
         """TP-local [b, s, V/tp] -> full [b, s, V] (padded vocab)."""
         if self.tp_size == 1:
             return local_logits
-        return tensor_parallel.gather_from_tensor_model_parallel_region(local_logits)
+        # (megatron-core's gather_from_tensor_model_parallel_region allocates on CUDA; this runs on gloo too.)
+        parts = [torch.empty_like(local_logits) for _ in range(self.tp_size)]
+        dist.all_gather(parts, local_logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        return torch.cat(parts, dim=-1)
