@@ -41,7 +41,7 @@ class SupplementConnection(nn.Module):
     def start(self, h_emb, h_pre, record=None):
         return h_pre, LoopInputs(h_emb=h_emb, h0=h_pre)
 
-    def step(self, t, h, h_core, state: LoopInputs, record=None):
+    def step(self, t, h, h_core, state: LoopInputs, record=None, last=False):
         out = h_core
         for s in self.supplements:
             out = out + {"residual": h, "anchor": state.h0, "anchor_star": state.h_emb}[s]
@@ -58,7 +58,7 @@ class StaticCombConnection(nn.Module):
     def start(self, h_emb, h_pre, record=None):
         return h_pre, LoopInputs(h_emb=h_emb, h0=h_pre)
 
-    def step(self, t, h, h_core, state: LoopInputs, record=None):
+    def step(self, t, h, h_core, state: LoopInputs, record=None, last=False):
         a = self.alpha
         return a[0] * h_core + a[1] * state.h0 + a[2] * state.h_emb, state
 
@@ -78,7 +78,7 @@ class DynamicCombConnection(nn.Module):
     def start(self, h_emb, h_pre, record=None):
         return h_pre, LoopInputs(h_emb=h_emb, h0=h_pre)
 
-    def step(self, t, h, h_core, state: LoopInputs, record=None):
+    def step(self, t, h, h_core, state: LoopInputs, record=None, last=False):
         a = self.gates[min(t, len(self.gates) - 1)](h).unsqueeze(-1)  # [s, b, 3, 1]
         return a[..., 0, :] * h_core + a[..., 1, :] * state.h0 + a[..., 2, :] * state.h_emb, state
 

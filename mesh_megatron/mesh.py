@@ -48,6 +48,19 @@ def read(mem: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (mem * w.permute(2, 0, 1).unsqueeze(-1)).sum(dim=0)
 
 
+def write_read(mem: torch.Tensor, value: torch.Tensor, ww: torch.Tensor, wr: torch.Tensor, need_buffer: bool = True):
+    """write() then read() of the updated buffer, in fewer passes over the buffer (the paper's Eq. 6 form):
+
+        h = sum_b wr_b m_b  +  (sum_b wr_b ww_b) * value        (old buffer + gated value)
+
+    Plain write-then-read streams the [B, s, b, d] buffer three times (read, write, read back); this streams it
+    once for the read and once for the write, and not at all for the write when the updated buffer is not needed
+    again (the final read before the coda). Same function up to float summation order (tests/test_model.py).
+    """
+    h = read(mem, wr) + (wr * ww).sum(dim=-1, keepdim=True) * value
+    return (write(mem, value, ww) if need_buffer else None), h
+
+
 class MeshConnection(nn.Module):
     """The MeSH hand-off between loop iterations; state is the buffer, carried only within one forward."""
 
@@ -75,10 +88,9 @@ class MeshConnection(nn.Module):
         wr = torch.softmax(self.read_routers[i](query).float(), dim=-1).to(query.dtype)
         return ww, wr
 
-    def _cycle(self, step: int, mem: torch.Tensor, query: torch.Tensor, value: torch.Tensor, record):
+    def _cycle(self, step: int, mem: torch.Tensor, query: torch.Tensor, value: torch.Tensor, record, last: bool = False):
         ww, wr = self.weights(step, query)
-        mem = write(mem, value, ww)
-        h = read(mem, wr)
+        mem, h = write_read(mem, value, ww, wr, need_buffer=not last)
         if record is not None:
             record.append((f"mesh.write.{step}", ww.detach()))
             record.append((f"mesh.read.{step}", wr.detach()))
@@ -89,6 +101,7 @@ class MeshConnection(nn.Module):
         mem = torch.cat([h_emb.unsqueeze(0), h_emb.new_zeros(self.num_slots - 1, *h_emb.shape)], dim=0)
         return self._cycle(0, mem, h_pre, h_pre, record)
 
-    def step(self, t: int, h: torch.Tensor, h_core: torch.Tensor, mem: torch.Tensor, record=None):
-        """Loop iteration t: routers read h^(t) (the core input), the core output h_m^(t) is written, then read."""
-        return self._cycle(t + 1, mem, h, h_core, record)
+    def step(self, t: int, h: torch.Tensor, h_core: torch.Tensor, mem: torch.Tensor, record=None, last: bool = False):
+        """Loop iteration t: routers read h^(t) (the core input), the core output h_m^(t) is written, then read.
+        `last`: this is the final read, so the updated buffer is not materialised."""
+        return self._cycle(t + 1, mem, h, h_core, record, last)

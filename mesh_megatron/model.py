@@ -118,7 +118,7 @@ class MeshGPTModel(nn.Module):
                     h_core = torch.utils.checkpoint.checkpoint(self.core, h, freqs, use_reentrant=False)
                 else:
                     h_core = self.core(h, freqs)
-                h, state = self.connection.step(t, h, h_core, state, record)
+                h, state = self.connection.step(t, h, h_core, state, record, last=t == k - 1)
                 if rec:
                     rec((f"h_core.{t}", h_core.detach()))
                     rec((f"h_loop.{t + 1}", h.detach()))

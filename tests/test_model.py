@@ -178,3 +178,24 @@ def test_model_build_checks_tp_divisibility(single_process):
     cfg = ModelConfig.from_dict({**REC, "arch": "mesh", "num_attention_heads": 2, "hidden_size": 64})
     with pytest.raises(ConfigError, match="num_attention_heads"):
         cfg.validate_parallel(4)
+
+
+def test_fused_write_read_equals_plain(single_process):
+    """The one-pass write/read (Eq. 6 form) is the plain write-then-read, values and gradients."""
+    from mesh_megatron.mesh import read, write, write_read
+
+    g = torch.Generator().manual_seed(0)
+    mem = torch.randn(5, 7, 2, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    val = torch.randn(7, 2, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    ww = torch.softmax(torch.randn(7, 2, 5, generator=g, dtype=torch.float64), -1).requires_grad_()
+    wr = torch.softmax(torch.randn(7, 2, 5, generator=g, dtype=torch.float64), -1).requires_grad_()
+    new_plain = write(mem, val, ww)
+    h_plain = read(new_plain, wr)
+    new_fused, h_fused = write_read(mem, val, ww, wr)
+    torch.testing.assert_close(h_fused, h_plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_fused, new_plain, rtol=0, atol=0)
+    gp = torch.autograd.grad((h_plain.sin().sum() + new_plain.cos().sum()), (mem, val, ww, wr))
+    gf = torch.autograd.grad((h_fused.sin().sum() + new_fused.cos().sum()), (mem, val, ww, wr))
+    for a, b in zip(gp, gf):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert write_read(mem, val, ww, wr, need_buffer=False)[0] is None
