@@ -109,9 +109,8 @@ def probe(model, windows: torch.Tensor, batch_size: int = 8, num_loops: int | No
             add("cka_linear", M.cka_matrix(states, "linear").cpu().numpy())
             for n, s in zip(names, states):
                 sv = M.singular_values(s)
-                spec = np.full(top_k, np.nan)
-                top = (sv[:top_k] / sv[0]).cpu().numpy() if sv[0] > 0 else np.zeros(min(top_k, sv.numel()))
-                spec[: top.size] = top
+                # min(top_k, tokens, hidden) values: every sample of a run has the same length
+                spec = (sv[:top_k] / sv[0]).cpu().numpy() if sv[0] > 0 else np.zeros(min(top_k, sv.numel()))
                 add(f"spectrum:{n}", spec)
                 add(f"erank:{n}", M.effective_rank(sv))
             for label, a, b in plan["blocks"] + plan["transitions"]:

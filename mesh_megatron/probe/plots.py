@@ -31,13 +31,13 @@ def save_fig(fig, path: Path) -> Path:
 
 
 def _title(r: dict, name: str) -> str:
-    m = r.get("model", {})
-    return f"{name}\n{m.get('layout', '')}"
+    layout = str(r.get("model", {}).get("layout", ""))
+    return f"{name}\n{layout} layers" if layout.isdigit() else f"{name}\n{layout}"
 
 
 def plot_skew(results: list[dict], names: list[str], path: Path) -> Path:
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 0.6, 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 0.6, 3.2), sharey=True, squeeze=False, layout="constrained")
     for ax, r, name in zip(axes[0], results, names):
         sk = r["skew"]
         x = np.arange(len(sk))
@@ -60,7 +60,7 @@ def plot_skew(results: list[dict], names: list[str], path: Path) -> Path:
 
 def plot_cka(results: list[dict], names: list[str], path: Path) -> Path:
     n = len(results)
-    fig, axes = plt.subplots(2, n, figsize=(3.4 * n + 0.6, 6.6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(3.4 * n + 0.6, 6.6), squeeze=False, layout="constrained")
     for col, (r, name) in enumerate(zip(results, names)):
         labels = r["state_labels"]
         for row, kern in enumerate(("rbf", "linear")):
@@ -83,7 +83,7 @@ def plot_cka(results: list[dict], names: list[str], path: Path) -> Path:
 
 def plot_spectrum(results: list[dict], names: list[str], path: Path) -> Path:
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), sharey=True, squeeze=False, layout="constrained")
     for ax, r, name in zip(axes[0], results, names):
         cmap = plt.get_cmap("plasma")
         states = r["states"]
@@ -109,7 +109,7 @@ def plot_routing(results: list[dict], names: list[str], path: Path) -> Path | No
     if not mesh:
         return None
     n = len(mesh)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n + 0.6, 5.6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n + 0.6, 5.6), squeeze=False, layout="constrained")
     for col, (r, name) in enumerate(mesh):
         ro = r["routing"]
         for row, kind in enumerate(("write", "read")):
@@ -129,7 +129,7 @@ def plot_routing(results: list[dict], names: list[str], path: Path) -> Path | No
 
 
 def plot_consecutive_cka(results: list[dict], names: list[str], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True, layout="constrained")
     for ax, kern in zip(axes, ("rbf", "linear")):
         for r, name in zip(results, names):
             cc = r["cka_consecutive"][kern]
