@@ -148,6 +148,11 @@ def train_one(run_cfg: dict, run_dir: Path, nproc: int) -> None:
 
 
 def probe_one(ckpt: Path, prefix: str, out_dir: Path, pcfg: dict, name: str) -> dict:
+    done = out_dir / "probe.json"
+    if done.is_file():  # already probed this very checkpoint: reuse (re-running the command is cheap)
+        prev = json.loads(done.read_text())
+        if prev.get("source", {}).get("checkpoint") == str(ckpt) and prev["data"]["num_sequences"] == pcfg.get("num_sequences", 64):
+            return prev
     cmd = [sys.executable, "-m", "mesh_megatron.probe.cli", "run", "--checkpoint", str(ckpt), "--data", prefix,
            "--doc-range", str(pcfg.get("doc_range", "0:1")), "--num-sequences", str(pcfg.get("num_sequences", 64)),
            "--batch-size", str(pcfg.get("batch_size", 8)), "--name", name, "--out", str(out_dir)]
@@ -323,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     train_one(rc, run_dir, nproc)
+                    last = latest_checkpoint(run_dir)
+                    if last is None or int(last.name.split("_")[1]) != rc["train"]["train_iters"]:
+                        # the trainer exits 0 after a SIGTERM/SIGUSR1 stop too: that run is not finished
+                        raise ExperimentError(f"{run_dir.name} stopped before step {rc['train']['train_iters']} "
+                                              f"(latest checkpoint {last}); repeat the command to resume it")
                     write_atomic(done, json.dumps({"run_config": rc}, indent=1))
                 runs[(arch, seed)] = read_metrics(run_dir)
                 if not args.no_probe:
