@@ -175,6 +175,7 @@ def save(engine, cfg, state: TrainerState, root: Path) -> Path:
         write_atomic(tmp / "run_config.yaml", cfg.to_yaml())
         write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2))
         write_atomic(tmp / "COMPLETE", f"{tag}\n")
+        _fault_injection_pause(state.step)
         if final.exists():  # re-saving the same step (e.g. end of a run that just saved): swap atomically
             old = root / f".old-{tag}"
             os.replace(final, old)
@@ -186,6 +187,16 @@ def save(engine, cfg, state: TrainerState, root: Path) -> Path:
         prune(root, cfg.checkpoint.keep_last)
     dist.barrier()
     return final
+
+
+def _fault_injection_pause(step: int) -> None:
+    """Tests only: MESH_PRETRAIN_PAUSE_BEFORE_COMMIT=STEP:SECONDS sleeps at the worst moment of that step's save
+    (every file written, directory not yet renamed) so a test can kill -9 the process there."""
+    spec = os.environ.get("MESH_PRETRAIN_PAUSE_BEFORE_COMMIT")
+    if spec:
+        at, secs = spec.split(":")
+        if int(at) == step:
+            time.sleep(float(secs))
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
@@ -277,15 +288,15 @@ def _fp32_from_deepspeed(ckpt: Path, tp_rank: int, zero_stage: int) -> dict[str,
     if zero_stage == 0:
         sd = torch.load(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
-    from deepspeed.utils.zero_to_fp32 import _get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import _get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
     # zero_to_fp32 globs every *_model_states / *_optim_states file of a directory, so give it only this TP
     # rank's files (links in a scratch directory).
     with tempfile.TemporaryDirectory() as scratch:
         for f in files:
             os.symlink(f.resolve(), Path(scratch) / f.name)
-        sd = _get_fp32_state_dict_from_zero_checkpoint(scratch, False)
-    return {k: v.float() for k, v in sd.items()}
+        sd = to_torch_tensor(_get_fp32_state_dict_from_zero_checkpoint(scratch, False))  # ZeRO-3 gives lazy tensors
+    return {k: v.float().contiguous() for k, v in sd.items()}
 
 
 def load_full_model_state(ckpt_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

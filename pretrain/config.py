@@ -62,7 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     eval_interval: int = 200  # steps between validation runs (0 = only at the end)
-    eval_iters: int = 10  # micro-batches per validation run (per data-parallel rank)
+    eval_iters: int = 10  # global batches per validation run (the same samples at every evaluation)
     log_interval: int = 10  # steps between console lines
     check_replicated_interval: int = 0  # >0: assert TP-replicated params are identical every N steps (debug)
     exit_at_step: int | None = None  # save a checkpoint and stop after this step, as if preempted (chunked runs, tests)

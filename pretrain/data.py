@@ -95,7 +95,7 @@ def build_datasets(cfg: RunConfig, dp_size: int):
     # megatron-core logs every index build at INFO; keep the console for the training progress.
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
 
-    eval_samples = t.eval_iters * t.micro_batch_size * dp_size
+    eval_samples = t.eval_iters * t.global_batch_size
     # The same fixed validation samples are used at every evaluation, so the curve is comparable.
     sizes = [t.train_iters * t.global_batch_size, eval_samples, eval_samples]
     weights = list(d.weights) if d.weights else None
@@ -147,13 +147,12 @@ def train_micro_batches(dataset, step: int, cfg: RunConfig, dp_rank: int, dp_siz
 
 
 def eval_micro_batches(dataset, cfg: RunConfig, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-    """A fixed slice of the validation/test split: eval_iters micro-batches per DP rank, disjoint across DP ranks."""
-    mb = cfg.train.micro_batch_size
+    """A fixed slice of the validation/test split: the first eval_iters global batches, divided over DP ranks like
+    training batches, so every layout (any TP / DP / micro-batch) evaluates exactly the same samples."""
     n = len(dataset)
     out = []
     for m in range(cfg.train.eval_iters):
-        base = m * mb * dp_size + dp_rank * mb
-        if base + mb > n:
+        if (m + 1) * cfg.train.global_batch_size > n:
             break
-        out.append(_collate([dataset[base + i] for i in range(mb)]))
+        out.extend(train_micro_batches(dataset, m, cfg, dp_rank, dp_size))
     return out

@@ -128,3 +128,16 @@ def assert_replicated_in_sync(model: torch.nn.Module) -> None:
             bad.append(f"{name} (max diff {(hi - lo).abs().max().item():.3g})")
     if bad:
         raise AssertionError(f"TP-replicated parameters differ across tensor-parallel ranks: {', '.join(bad[:5])}")
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the (DP-reduced) gradients, each TP-split parameter counted once per shard and each replicated
+    parameter once. DeepSpeed reports this itself for ZeRO >= 1; under ZeRO-0 the trainer computes it here."""
+    sq = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)
+    first = ps.get_tensor_model_parallel_rank() == 0
+    for p in model.parameters():
+        if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False)):
+            sq += p.grad.detach().double().pow(2).sum()
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+    return sq.sqrt().item()

@@ -163,6 +163,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             print(f"[pretrain] removed unfinished checkpoint saves: {', '.join(p.name for p in stale)}", flush=True)
     pd.barrier()
 
+    # Refuse an incompatible checkpoint before paying for the model build.
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, root)
+    if resume_from is not None:
+        ckpt.check_compatible(resume_from, cfg, dp_size)
+
     # Same seed everywhere: full master weights are built identically on every rank, then split over TP.
     set_seed(t.seed)
     model = MeshGPTModel(cfg.model)
@@ -180,7 +185,6 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         tensor_parallel_size=tp_size, data_parallel_size=dp_size, zero_stage=cfg.parallel.zero_stage,
         global_batch_size=t.global_batch_size, train_iters=t.train_iters, precision=precision,
     )
-    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, root)
     if resume_from is not None:
         state = ckpt.load(engine, resume_from, cfg, dp_size)
         if state.train_iters != t.train_iters and is_main:
@@ -241,15 +245,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             t0 = time.time()
             lr = optimizer.param_groups[0]["lr"]
             mb_losses = []
-            for b in train_micro_batches(train_ds, state.step, cfg, dp_rank, dp_size):
+            grad_norm = None
+            batches = train_micro_batches(train_ds, state.step, cfg, dp_rank, dp_size)
+            for i, b in enumerate(batches):
                 loss_tok = engine(input_ids=b["tokens"].to(engine.device), labels=b["labels"].to(engine.device))
                 mask = b["loss_mask"].to(engine.device)
                 loss = (loss_tok.float() * mask).sum() / mask.sum().clamp_min(1.0)
                 engine.backward(loss)
+                if i == len(batches) - 1 and cfg.parallel.zero_stage == 0:
+                    grad_norm = pd.grad_norm(engine.module)  # pre-clip; ZeRO-0 does not report it
                 engine.step()
                 mb_losses.append(loss.item())
             loss = _dp_mean(mb_losses, engine.device)
-            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             state.step += 1
             state.consumed_samples += t.global_batch_size
