@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     # megatron-core warns at import that Transformer Engine / Apex are absent (expected: plain torch kernels are used).
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex are not installed|full scope is deprecated).*")
     ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     try:
