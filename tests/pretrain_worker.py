@@ -30,6 +30,19 @@ def main(spec_path: str, out_dir: str) -> None:
         d.setdefault("logging", {})["dir"] = os.path.join(out_dir, name)
         res = train(build_run_config(d, source=name))
         engine = res.pop("engine")
+        if overrides.get("parallel.tensor_parallel_size", 1) > 1:
+            # which sequences each rank trained on at step 0: TP peers must match, DP ranks must differ
+            from megatron.core import parallel_state as ps
+
+            from pretrain.data import build_datasets, train_micro_batches
+
+            cfg = build_run_config(d, source=name)
+            train_ds, _, _ = build_datasets(cfg, ps.get_data_parallel_world_size())
+            mine = [t.tolist() for b in train_micro_batches(train_ds, 0, cfg, ps.get_data_parallel_rank(),
+                                                            ps.get_data_parallel_world_size()) for t in b["tokens"]]
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, {"tp": tp_rank(), "dp": ps.get_data_parallel_rank(), "seqs": mine})
+            res["rank_batches"] = every
         if drift_check:
             # The helper must notice a replicated parameter that drifted on one TP rank (here: rank 1's final LN).
             assert_replicated_in_sync(engine.module)

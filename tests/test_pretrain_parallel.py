@@ -99,6 +99,20 @@ def test_replicated_params_checked_and_drift_detected(parallel_runs):
     assert "final_ln.weight" in msg and "differ across tensor-parallel ranks" in msg
 
 
+@pytest.mark.parametrize("name", ["tp2_dp2_zero0", "tp2_dp2_zero3"])
+def test_tp_peers_see_identical_data_dp_ranks_disjoint(parallel_runs, name):
+    ranks = parallel_runs[name]["rank_batches"]
+    by_dp = {}
+    for r in ranks:
+        by_dp.setdefault(r["dp"], []).append(r)
+    assert sorted(by_dp) == [0, 1] and all(len(v) == 2 for v in by_dp.values())
+    for peers in by_dp.values():
+        assert {p["tp"] for p in peers} == {0, 1} and peers[0]["seqs"] == peers[1]["seqs"]
+    a = {tuple(s) for s in by_dp[0][0]["seqs"]}
+    b = {tuple(s) for s in by_dp[1][0]["seqs"]}
+    assert len(a) == len(b) == 4 and not a & b
+
+
 def test_full_model_state_from_tp2_zero3_checkpoint(single_process, parallel_runs, data_prefix):
     """TP=2 x ZeRO-3 checkpoint -> one full fp32 state dict -> TP=1 MeshGPTModel -> same validation loss."""
     from mesh_megatron.config import ModelConfig
