@@ -9,7 +9,7 @@ from mesh_megatron.hf.tokenizer import TokenizerExportError, TokenizerSource, ex
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "export_corpus.txt"
-SHARED_NEOX = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b.json"
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "tokenizers"  # shipped by data_tools
 
 
 def corpus_lines(n=200):
@@ -74,16 +74,30 @@ def test_hf_tokenizer_json_exports(tmp_path):
 
 
 def test_pythia_tokenizer_exports(tmp_path):
-    if not SHARED_NEOX.is_file():
-        pytest.skip(f"{SHARED_NEOX} not present (the shared material sits beside the repo checkout)")
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    ids = export_tokenizer(TokenizerSource("hf", SHARED_NEOX), tmp_path, model_max_length=2048)
+    src = SHIPPED / "gpt-neox-20b.json"
+    ids = export_tokenizer(TokenizerSource("hf", src), tmp_path, model_max_length=2048)
     assert ids == {"eos_token_id": 0, "bos_token_id": 0}  # <|endoftext|>, as Pythia
-    tok, ref = AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_file(str(SHARED_NEOX))
+    tok, ref = AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_file(str(src))
     for text in corpus_lines(50) + ["Hello world", "  spaces  "]:
         assert tok(text)["input_ids"] == ref.encode(text).ids
+
+
+def test_shipped_sentencepiece_exports(tmp_path):
+    """The tiny configs' tokenizer (BPE, byte fallback, identity normalization, vocab 8192)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    src = SHIPPED / "sample_sp8k.model"
+    ids = export_tokenizer(TokenizerSource("sentencepiece", src), tmp_path, model_max_length=128)
+    sp = spm.SentencePieceProcessor(model_file=str(src))
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert ids["eos_token_id"] == sp.eos_id() and len(tok) == sp.vocab_size() == 8192
+    for text in corpus_lines(100) + ["  leading and  double  spaces ", "unicode: naïve ﬁ ① 日本 🙂"]:
+        assert tok(text)["input_ids"] == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
 
 
 def test_bad_tokenizer_files_give_clear_errors(tmp_path):

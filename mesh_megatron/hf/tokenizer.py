@@ -106,7 +106,9 @@ def _sentencepiece_tokenizer(src: TokenizerSource):
         tok.normalizer = normalizers.Sequence(norms)
     # "always", not "first": "first" keys on the original offset, which a stripped leading space moves off 0.
     prepend = "always" if ns.add_dummy_prefix else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=ts.split_by_whitespace)
+    # No word pre-split: sentencepiece encodes the whole normalized string (its pieces already respect word
+    # boundaries, and whitespace-only pieces like "▁▁" must stay whole).
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
     dec = [decoders.Replace("▁", " ")]
     if ts.byte_fallback:
         dec.append(decoders.ByteFallback())
