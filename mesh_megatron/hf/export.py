@@ -55,7 +55,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
     try:
         from pretrain.checkpoint import load_full_model_state
     except ImportError as e:
-        raise ExportError(f"cannot read training checkpoints: pretrain.checkpoint.load_full_model_state is unavailable ({e})") from None
+        raise ExportError(f"--checkpoint {path}: cannot read training checkpoints: pretrain.checkpoint.load_full_model_state is unavailable ({e})") from None
     try:
         run_cfg, sd = load_full_model_state(path)
     except ExportError:
@@ -189,6 +189,18 @@ def verify(cfg: ModelConfig, sd: dict[str, torch.Tensor], out: Path, seq_len: in
     return result
 
 
+def check_output(out: Path, force: bool, dtype: str = "float32", check: bool = False) -> None:
+    """Refuse bad output settings before any (possibly long) checkpoint loading."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: choose one of {list(DTYPES)}")
+    if check and dtype != "float32":
+        raise ExportError("--verify compares fp32 logits; use it with --dtype float32")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it")
+
+
 def export_model(
     cfg: ModelConfig,
     state_dict: dict[str, torch.Tensor],
@@ -204,14 +216,7 @@ def export_model(
 ) -> dict:
     """Write the Hugging Face export of (cfg, full TP=1 state dict) to out_dir atomically; returns a summary."""
     out = Path(out_dir)
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype}: choose one of {list(DTYPES)}")
-    if check and dtype != "float32":
-        raise ExportError("--verify compares fp32 logits; use it with --dtype float32")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it")
+    check_output(out, force, dtype, check)
     try:
         check_state_dict(cfg, state_dict, source)
         hf_sd = to_hf_state_dict(cfg, state_dict, DTYPES[dtype])
@@ -254,6 +259,9 @@ def export_model(
 
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer: TokenizerSource | None = None,
                       no_tokenizer: bool = False, **kwargs) -> dict:
+    check_output(Path(out_dir), kwargs.get("force", False), kwargs.get("dtype", "float32"), kwargs.get("check", False))
+    if tokenizer is not None and not tokenizer.path.is_file():
+        raise ExportError(f"--tokenizer {tokenizer.path}: no such file")
     cfg, sd, run_cfg = load_checkpoint(ckpt_dir)
     if tokenizer is None and not no_tokenizer:
         tokenizer = tokenizer_from_run_config(run_cfg)
