@@ -13,6 +13,9 @@ from mesh_megatron.config import ModelConfig
 from mesh_megatron.hf import export as export_mod
 from mesh_megatron.hf.export import ExportError, build_parser, export_model, main
 from mesh_megatron.hf.tokenizer import TokenizerExportError, TokenizerSource
+from test_export_tokenizer import SHIPPED
+
+SHIPPED_SP = SHIPPED / "sample_sp8k.model"
 
 
 def test_help_explains_every_flag():
@@ -102,3 +105,23 @@ def test_sharded_bf16_export_loads(mesh_model, tmp_path):
     model = load_export(tmp_path / "out", dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(model.lm_head.weight, sd["lm_head.weight"].to(torch.bfloat16))
+
+
+def test_tokenizer_found_from_dataset_sidecar(tmp_path):
+    """Default tokenizer: the one named by the first dataset's PREFIX.meta.json (as data_tools writes it)."""
+    import json
+    import shutil
+
+    from mesh_megatron.hf.export import tokenizer_from_run_config
+
+    shutil.copyfile(SHIPPED_SP, tmp_path / "sp.model")
+    (tmp_path / "data").mkdir()
+    meta = {"tokenizer": {"kind": "sentencepiece", "path": "/nonexistent/sp.model", "relpath": "../sp.model", "eod_token": "</s>"}}
+    (tmp_path / "data" / "corpus.meta.json").write_text(json.dumps(meta))
+    src = tokenizer_from_run_config({"data": {"paths": [str(tmp_path / "data" / "corpus")]}})
+    assert src.kind == "sentencepiece" and src.path.resolve() == (tmp_path / "sp.model").resolve() and src.eod_token == "</s>"
+    (tmp_path / "data" / "synthetic.meta.json").write_text(json.dumps({"tokenizer": {"kind": "synthetic", "vocab_size": 256}}))
+    assert tokenizer_from_run_config({"data": {"paths": [str(tmp_path / "data" / "synthetic")]}}) is None
+    (tmp_path / "sp.model").unlink()
+    with pytest.raises(ExportError, match="pass --tokenizer"):
+        tokenizer_from_run_config({"data": {"paths": [str(tmp_path / "data" / "corpus")]}})

@@ -3,6 +3,8 @@ load it, the logits-parity check if one ran, and the full training config."""
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from mesh_megatron.config import ModelConfig
@@ -74,6 +76,7 @@ def model_card(cfg: ModelConfig, *, run_config: dict | None, tokens_seen: int | 
         lines += ["", "## Parity check", "",
                   f"Logits of this export vs the training-side model on {parity['tokens']} tokens (fp32, CPU): "
                   f"max abs diff {parity['max_abs_diff']:.2e}."]
-    cfg_text = yaml.safe_dump(run_config if run_config else {"model": cfg.to_dict()}, sort_keys=False)
+    plain = json.loads(json.dumps(run_config if run_config else {"model": cfg.to_dict()}, default=str))  # YAML-safe types
+    cfg_text = yaml.safe_dump(plain, sort_keys=False)
     lines += ["", "## Training config", "", "```yaml", cfg_text.rstrip(), "```", ""]
     return "\n".join(lines)

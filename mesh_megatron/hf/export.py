@@ -86,11 +86,11 @@ def tokenizer_from_run_config(run_cfg: dict | None) -> TokenizerSource | None:
         except json.JSONDecodeError as e:
             raise ExportError(f"{meta_path}: not valid JSON ({e}); pass --tokenizer explicitly") from None
         tok = meta.get("tokenizer", meta)
-        candidates = [tok.get("path")]
-        if tok.get("relpath"):
-            candidates.append(str(meta_path.parent / tok["relpath"]))
+        candidates = [c for c in (tok.get("path"), tok.get("relpath") and str(meta_path.parent / tok["relpath"])) if c]
+        if not candidates:
+            continue  # a sidecar without a tokenizer file (e.g. synthetic test data)
         for c in candidates:
-            if c and Path(c).is_file():
+            if Path(c).is_file():
                 return TokenizerSource(kind=_kind(tok.get("kind")), path=Path(c), eod_token=tok.get("eod_token"))
         raise ExportError(f"{meta_path}: names tokenizer {candidates} but the file is gone; pass --tokenizer FILE")
     return None
