@@ -130,3 +130,13 @@ def test_generate_with_cache_and_left_padding(exports, case):
     both = model.generate(torch.cat([ids[:1], padded]), attention_mask=mask, **kw)
     assert torch.equal(both[0], with_cache[0])
     assert torch.equal(both[1, 3:], model.generate(short, **kw)[0])
+
+
+def test_num_loops_per_call_in_generate(exports):
+    """`num_loops` also works per call (forward and generate), the same as overriding it at load time."""
+    _, _, path, _ = exports["mesh"]
+    ids = batch(seq=5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    per_call = load_export(path).generate(ids, num_loops=3, **kw)
+    at_load = load_export(path, num_loops=3).generate(ids, **kw)
+    assert torch.equal(per_call, at_load)
