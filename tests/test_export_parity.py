@@ -25,7 +25,8 @@ def exports(single_process, tmp_path_factory):
     for name, c in CASES.items():
         cfg = ModelConfig.from_dict(dict(c))
         sd = model_state(c)
-        summary = export_model(cfg, sd, root / name, tokenizer=None, check=True)
+        # --verify (the export-time parity check) on two cases; the tests below check every case themselves.
+        summary = export_model(cfg, sd, root / name, tokenizer=None, check=name in ("vanilla_scaled", "mesh"))
         out[name] = (cfg, sd, root / name, summary)
     return out
 
@@ -41,9 +42,9 @@ def test_logits_match_training_model(exports, case):
     diff = (got - ref).abs().max().item()
     print(f"{case}: max |logits diff| = {diff:.2e}")
     assert diff < TOL
-    # The export-time check (--verify) ran and recorded the same kind of number in the model card.
-    assert summary["parity"]["max_abs_diff"] < TOL
-    assert "max abs diff" in (path / "README.md").read_text()
+    if summary["parity"] is not None:  # the export-time check (--verify) ran and recorded its number in the card
+        assert summary["parity"]["max_abs_diff"] < TOL
+        assert "max abs diff" in (path / "README.md").read_text()
 
 
 @pytest.mark.parametrize("case", ["mesh", "dynamic_comb", "static_comb", "residual+anchor+anchor_star"])
