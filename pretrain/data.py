@@ -1,0 +1,158 @@
+"""Training data: megatron-core GPTDataset / BlendedMegatronDatasetBuilder over `.bin/.idx` prefixes, and a
+deterministic batch order driven by one integer, the number of samples consumed so far.
+
+Order: megatron-core shuffles documents and samples with `train.seed` and caches the indices (rank 0 builds them,
+the others wait and read the cache). Step s uses global samples [s*G, (s+1)*G) (G = global batch); micro-batch m of
+data-parallel rank r takes G/(micro*dp) consecutive slices exactly as Megatron's pretraining sampler does, so
+tensor-parallel peers (same DP rank) read identical batches and DP ranks read disjoint ones. Saving
+`consumed_samples` in a checkpoint is therefore enough to continue with the next unseen batch.
+The indices depend on (seed, data, seq_length, number of train samples = train_iters x global batch): changing
+train_iters or the global batch changes the order (as in Megatron / GPT-NeoX).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mesh_megatron.config import ConfigError
+from pretrain.config import RunConfig
+
+
+@dataclass
+class DatasetTokenizer:
+    """What megatron-core's GPTDataset reads from its `tokenizer`: the vocabulary size (to pick the token dtype) and
+    the end-of-document id. The text tokenizer itself is not needed to read already-tokenized `.bin` files."""
+
+    vocab_size: int
+    eod: int
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of megatron-core's index-cache key
+        return {"class": "DatasetTokenizer", "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+def read_meta(prefix: str) -> dict | None:
+    """PREFIX.meta.json written by data_tools (tokenizer kind/path/vocab/eod), if present."""
+    p = Path(prefix + ".meta.json")
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e}); re-run the tokenizer for this prefix") from None
+    tok = meta.get("tokenizer", meta)
+    return {"vocab_size": tok.get("vocab_size"), "eod_id": tok.get("eod_id"), "raw": meta}
+
+
+def check_prefixes(paths: list[str], field: str) -> None:
+    for prefix in paths:
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).exists():
+                hint = " (pass the prefix without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
+                raise ConfigError(f"{field}: dataset '{prefix}' has no {prefix + ext}{hint}; tokenize it with data_tools first")
+
+
+def dataset_tokenizer(cfg: RunConfig) -> DatasetTokenizer:
+    """Vocab size / EOD id from the prefixes' sidecars, checked against the model's vocabulary."""
+    eod, vocab = cfg.data.eod_id, None
+    all_paths = cfg.data.paths + (cfg.data.valid_paths or []) + (cfg.data.test_paths or [])
+    for prefix in all_paths:
+        meta = read_meta(prefix)
+        if meta is None:
+            continue
+        v = meta["vocab_size"]
+        if v is not None and v > cfg.model.vocab_size:
+            raise ConfigError(
+                f"data.paths: '{prefix}' was tokenized with a vocabulary of {v} tokens but model.vocab_size is "
+                f"{cfg.model.vocab_size}; set model.vocab_size >= {v} or use a dataset made with the model's tokenizer"
+            )
+        if eod is None and meta["eod_id"] is not None:
+            eod = int(meta["eod_id"])
+        vocab = max(vocab or 0, v or 0) or None
+    return DatasetTokenizer(vocab_size=vocab or cfg.model.vocab_size, eod=0 if eod is None else eod)
+
+
+def build_datasets(cfg: RunConfig, dp_size: int):
+    """(train, valid, test) megatron-core datasets sized for this run (valid/test may be None)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    d, t = cfg.data, cfg.train
+    if not d.paths:
+        raise ConfigError(f"{cfg.source}: data.paths is empty; give at least one tokenized dataset prefix (PREFIX.bin/.idx)")
+    check_prefixes(d.paths, "data.paths")
+    check_prefixes(d.valid_paths or [], "data.valid_paths")
+    check_prefixes(d.test_paths or [], "data.test_paths")
+    # megatron-core logs every index build at INFO; keep the console for the training progress.
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+
+    eval_samples = t.eval_iters * t.global_batch_size
+    # The same fixed validation samples are used at every evaluation, so the curve is comparable.
+    sizes = [t.train_iters * t.global_batch_size, eval_samples, eval_samples]
+    weights = list(d.weights) if d.weights else None
+    common = dict(
+        random_seed=t.seed,
+        sequence_length=cfg.model.seq_length,
+        path_to_cache=d.cache_dir or str(cfg.run_dir / "data_cache"),
+        tokenizer=dataset_tokenizer(cfg),
+        reset_position_ids=False,  # Pythia: documents are packed, attention crosses EOD, no loss masking
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal attention is built into the model
+        mid_level_dataset_surplus=0.05,
+    )
+    if d.valid_paths or d.test_paths:
+        blend = lambda paths: (list(paths), None) if paths else None  # noqa: E731
+        ds_cfg = GPTDatasetConfig(
+            blend_per_split=[(list(d.paths), weights), blend(d.valid_paths), blend(d.test_paths)], **common
+        )
+    else:
+        ds_cfg = GPTDatasetConfig(blend=(list(d.paths), weights), split=d.split, **common)
+    try:
+        train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_cfg).build()
+    except AssertionError as e:
+        raise ConfigError(f"data: megatron-core could not build the datasets ({e}); check data.paths / data.split") from None
+    if train is None or len(train) == 0:
+        raise ConfigError(f"data.paths: no training samples of {cfg.model.seq_length} tokens; the data is too small for this seq_length/split")
+    return train, valid, test
+
+
+def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "tokens": torch.stack([s["tokens"] for s in samples]),
+        "labels": torch.stack([s["labels"] for s in samples]),
+        "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),
+    }
+
+
+def train_micro_batches(dataset, step: int, cfg: RunConfig, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches this DP rank processes at optimizer step `step` (consumed samples = step x global batch)."""
+    mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    start = step * gb
+    grad_accum = gb // (mb * dp_size)
+    out = []
+    for m in range(grad_accum):
+        base = start + m * mb * dp_size + dp_rank * mb
+        out.append(_collate([dataset[(base + i) % len(dataset)] for i in range(mb)]))
+    return out
+
+
+def eval_micro_batches(dataset, cfg: RunConfig, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """A fixed slice of the validation/test split: the first eval_iters global batches, divided over DP ranks like
+    training batches, so every layout (any TP / DP / micro-batch) evaluates exactly the same samples."""
+    n = len(dataset)
+    out = []
+    for m in range(cfg.train.eval_iters):
+        if (m + 1) * cfg.train.global_batch_size > n:
+            break
+        out.extend(train_micro_batches(dataset, m, cfg, dp_rank, dp_size))
+    return out
