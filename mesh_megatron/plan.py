@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     tt = ap.add_argument_group("time to train")
     tt.add_argument("--tokens-per-sec", type=float, help="measured single-GPU training throughput (tokens/s) for this config")
     tt.add_argument("--throughput-json", help="bench/train_throughput.py result file to take the throughput from")
-    tt.add_argument("--train-tokens", type=float, default=PYTHIA_TRAIN_TOKENS, help="tokens to train (default Pythia's 143k x 1024 x 2048 = 300B)")
+    tt.add_argument("--train-tokens", type=float, default=None,
+                    help="tokens to train (default: train.train_iters x global batch x seq of the config, else Pythia's 300B)")
     tt.add_argument("--scaling-efficiency", type=float, default=0.9, help="multi-GPU scaling efficiency applied to the measured rate (default 0.9)")
     args = ap.parse_args(argv)
 
@@ -428,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mesh-plan: {e}", file=sys.stderr)
         return 2
-    print(report(plan, tps, args.train_tokens, args.scaling_efficiency))
+    tokens = args.train_tokens
+    if tokens is None:
+        iters = (run.get("train") or {}).get("train_iters")
+        tokens = float(iters) * plan.tokens_per_step if iters else PYTHIA_TRAIN_TOKENS
+    print(report(plan, tps, tokens, args.scaling_efficiency))
     return 0 if plan.fits else 2
 
 
