@@ -375,6 +375,12 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
                 except StopIteration:
                     exhausted = True
                     break
+                except DataToolsError as e:
+                    # a read error (e.g. truncated file) surfaces only after the batches queued
+                    # before it are written, so files finished before it are committed for resume
+                    inflight.append(("error", None, e))
+                    exhausted = True
+                    break
                 if item[0] == "batch":
                     _, file_no, fkind, units, pos = item
                     inflight.append(("batch", file_no, executor.submit(fkind, units), pos, units[0][0]))
@@ -383,6 +389,8 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
             if not inflight:
                 break
             entry = inflight.popleft()
+            if entry[0] == "error":
+                raise entry[2]
             file_no = entry[1]
             if cur_file != file_no:
                 cur_file = file_no

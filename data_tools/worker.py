@@ -76,7 +76,7 @@ def parse_unit(raw: bytes, opts: ParseOptions):
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as e:
-            return None, None, (MALFORMED_JSON, f"{e.msg} at column {e.colno}: {_short(raw)}")
+            return None, None, (MALFORMED_JSON, f"{e.msg} (column {e.colno}): {_short(raw)}")
         if not isinstance(obj, dict):
             return None, None, (NOT_AN_OBJECT, f"got {type(obj).__name__}")
         try:
