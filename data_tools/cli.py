@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 _print_summary(s)
         elif args.cmd == "train-tokenizer":
-            from .train_tokenizer import train_tokenizer
+            from .train_sp import train_tokenizer
 
             r = train_tokenizer(
                 args.inputs, args.output_prefix, vocab_size=args.vocab_size, model_type=args.model_type,
