@@ -181,5 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output_prefix}: {r['documents']:,} documents, {r['tokens']:,} tokens from {len(args.prefixes)} datasets ({r['seconds']:.1f} s)")
     except DataToolsError as e:
         print(f"mesh-data {args.cmd}: error: {e}", file=sys.stderr)
-        return 1
+        return 130 if str(e).startswith("interrupted") else 1
+    except KeyboardInterrupt:
+        print(f"mesh-data {args.cmd}: interrupted (no output was published)", file=sys.stderr)
+        return 130
     return 0

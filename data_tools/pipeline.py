@@ -70,6 +70,8 @@ class _Inline:
     """--workers 1: same code path as the pool, computed in this process when the result is needed."""
 
     def __init__(self, tok, opts_by_kind, dtype):
+        # single-threaded like a pool worker; the caller's environment is restored in close()
+        self._saved_env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
         limit_threads()
         self.tok, self.opts, self.dtype = tok, opts_by_kind, dtype
 
@@ -83,7 +85,11 @@ class _Inline:
         return _Deferred()
 
     def close(self, abort=False):
-        pass
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _Pool:

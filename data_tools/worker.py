@@ -155,8 +155,12 @@ _STATE: dict = {}
 
 
 def init_worker(kind: str, model: str, eod_token, opts_by_kind: dict, dtype_name: str) -> None:
+    import signal
+
     from .tokenizer import limit_threads, load_tokenizer
 
+    # Ctrl-C reaches the whole process group; the main process alone handles it (and stops us)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads()
     _STATE["tok"] = load_tokenizer(kind, model, eod_token)
     _STATE["opts"] = opts_by_kind
