@@ -4,6 +4,7 @@ For each tokenizer (GPT-NeoX-20B via `tokenizers`, the shipped SentencePiece 8k 
 - raw: the tokenizer's own batch encode on the whole corpus held in memory, one thread
   (TOKENIZERS_PARALLELISM=false / num_threads=1): the per-core ceiling.
   It is fed the same ~1 MiB batches the pipeline uses.
+- raw xN: N processes running the raw encode at once: what this machine allows N workers.
 - pipeline: `tokenize_files` end to end (read .zst, parse JSON, tokenize, write .bin/.idx,
   merge, sidecar) with --workers 1..N.
 Wall-clock rates need idle cores; tokens per CPU-second (all processes, from getrusage) shows the
@@ -84,6 +85,34 @@ def raw_rate(kind, texts, repeats):
             "tokens_per_cpu_s": round(n / cpu)}
 
 
+def _raw_child(kind, texts, q):
+    limit_threads()
+    tok = load_tokenizer(kind, TOKENIZERS[kind])
+    t = time.perf_counter()
+    n = sum(len(x) for b in _batches(texts) for x in tok.encode_batch(b))
+    q.put((n, time.perf_counter() - t))
+
+
+def raw_concurrent_rate(kind, texts, procs, repeats):
+    """The raw tokenizer in `procs` processes at once, each on the whole corpus: the machine's own
+    ceiling for N-way parallel tokenization (shared caches, memory bandwidth, neighbours)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    best = None
+    for _ in range(repeats):
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_raw_child, args=(kind, texts, q)) for _ in range(procs)]
+        for p in ps:
+            p.start()
+        res = [q.get() for _ in ps]
+        for p in ps:
+            p.join()
+        per_proc = sum(n / dt for n, dt in res) / procs
+        best = per_proc if best is None or per_proc > best else best
+    return {"processes": procs, "tokens_per_s_per_process": round(best), "tokens_per_s_total": round(best * procs)}
+
+
 def pipeline_rate(kind, inputs, workers, repeats, tmp):
     best = cpu = None
     for r in range(repeats):
@@ -134,6 +163,13 @@ def main():
             raw = raw_rate(kind, texts, args.repeats)
             entry = {"model": os.path.relpath(TOKENIZERS[kind], REPO), "raw_single_thread": raw, "pipeline": {}}
             rows.append((kind, "raw batch-encode", 1, raw["seconds"], raw["tokens_per_s"], raw["tokens_per_s"], 1.0, 1.0, raw["tokens_per_cpu_s"]))
+            entry["raw_concurrent"] = {}
+            for n in range(2, args.max_workers + 1):
+                rc = raw_concurrent_rate(kind, texts, n, args.repeats)
+                rc["per_process_vs_raw"] = round(rc["tokens_per_s_per_process"] / raw["tokens_per_s"], 3)
+                entry["raw_concurrent"][str(n)] = rc
+                rows.append((kind, f"raw x{n} processes", n, float("nan"), rc["tokens_per_s_total"], rc["tokens_per_s_per_process"],
+                             rc["per_process_vs_raw"], rc["tokens_per_s_total"] / raw["tokens_per_s"], 0))
             base = None
             for w in range(1, args.max_workers + 1):
                 p = pipeline_rate(kind, args.inputs, w, args.repeats, tmp)
@@ -153,7 +189,7 @@ def main():
     print(hdr)
     print("-" * len(hdr))
     for k, what, w, sec, tps, tpw, vr, sp, tpc in rows:
-        print(f"{k:<14}{what:<20}{w:>8}{sec:>9.2f}{tps:>12,}{tpw:>14,}{vr:>8.2f}{sp:>9.2f}{tpc:>12,}")
+        print(f"{k:<14}{what:<20}{w:>8}{sec:>9.2f}{tps:>12,}{tpw:>14,}{vr:>8.2f}{sp:>9.2f}{tpc or '-':>12}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp_out = args.out + ".tmp"
     with open(tmp_out, "w") as f:

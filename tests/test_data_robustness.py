@@ -15,7 +15,7 @@ import pytest
 from data_tools import tokenize_files, verify
 from data_tools.cli import main
 from data_tools.errors import DataToolsError
-from data_helpers import NEOX, REPO, read_docs, sample_records, write_bytes, write_jsonl
+from test_data_helpers import NEOX, REPO, read_docs, sample_records, write_bytes, write_jsonl
 from data_tools.tokenizer import load_tokenizer
 
 RECORDS = sample_records(8)

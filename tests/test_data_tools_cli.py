@@ -13,7 +13,7 @@ import pytest
 from data_tools import load_tokenizer, merge_datasets, tokenize_files, train_tokenizer, verify
 from data_tools.cli import build_parser, main
 from data_tools.errors import DataToolsError
-from data_helpers import NEOX, SHARED, SP8K, read_docs, sample_records, write_jsonl
+from test_data_helpers import NEOX, SHARED, SP8K, read_docs, sample_records, write_jsonl
 
 RECORDS = sample_records(12)
 
