@@ -12,7 +12,7 @@ CLI: `mesh-data --help` or `python -m data_tools --help`.
 _LAZY = {
     "tokenize_files": ("pipeline", "tokenize_files"),
     "load_tokenizer": ("tokenizer", "load_tokenizer"),
-    "train_tokenizer": ("train_tokenizer", "train_tokenizer"),
+    "train_tokenizer": ("train_sp", "train_tokenizer"),
     "verify": ("indexed", "verify"),
     "read_meta": ("indexed", "read_meta"),
     "inspect_dataset": ("inspect_data", "inspect_dataset"),

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 _print_summary(s)
         elif args.cmd == "train-tokenizer":
-            from .train_tokenizer import train_tokenizer
+            from .train_sp import train_tokenizer
 
             r = train_tokenizer(
                 args.inputs, args.output_prefix, vocab_size=args.vocab_size, model_type=args.model_type,
@@ -181,5 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output_prefix}: {r['documents']:,} documents, {r['tokens']:,} tokens from {len(args.prefixes)} datasets ({r['seconds']:.1f} s)")
     except DataToolsError as e:
         print(f"mesh-data {args.cmd}: error: {e}", file=sys.stderr)
-        return 1
+        return 130 if str(e).startswith("interrupted") else 1
+    except KeyboardInterrupt:
+        print(f"mesh-data {args.cmd}: interrupted (no output was published)", file=sys.stderr)
+        return 130
     return 0

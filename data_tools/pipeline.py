@@ -20,13 +20,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+
+import numpy as np
 
 from . import indexed
 from .errors import DataToolsError
 from .readers import InputStream, expand_inputs, input_kind, iter_units
 from .tokenizer import file_sha256, limit_threads, load_tokenizer, normalize_kind
-from .worker import SKIP_REASONS, ParseOptions, init_worker, process_batch, run_batch
+from .worker import SKIP_REASONS, ParseOptions, init_worker, process_batch, run_batch, share_tokenizer
 
 MAX_EXAMPLES_PER_REASON = 5
 _MAX_UNITS_PER_BATCH = 4096
@@ -70,6 +71,8 @@ class _Inline:
     """--workers 1: same code path as the pool, computed in this process when the result is needed."""
 
     def __init__(self, tok, opts_by_kind, dtype):
+        # single-threaded like a pool worker; the caller's environment is restored in close()
+        self._saved_env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
         limit_threads()
         self.tok, self.opts, self.dtype = tok, opts_by_kind, dtype
 
@@ -83,20 +86,27 @@ class _Inline:
         return _Deferred()
 
     def close(self, abort=False):
-        pass
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _Pool:
     """Worker processes. A worker that dies (e.g. killed for memory) fails the run with
     BrokenProcessPool instead of hanging, which multiprocessing.Pool would do."""
 
-    def __init__(self, workers, kind, model, eod_token, opts_by_kind, dtype):
+    def __init__(self, workers, tok, kind, model, eod_token, opts_by_kind, dtype):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        # fork: no re-import of __main__ (works from notebooks / stdin); the parent has not used
-        # the tokenizer's thread pool, so nothing unsafe is inherited.
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        # fork: no re-import of __main__ (works from notebooks / stdin) and the workers inherit the
+        # loaded tokenizer; the parent never encoded, so no tokenizer thread pool is inherited.
+        fork = sys.platform.startswith("linux")
+        if fork:
+            share_tokenizer(tok, kind, model, eod_token)
+        ctx = mp.get_context("fork" if fork else "spawn")
         self.pool = ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=init_worker,
             initargs=(kind, model, eod_token, opts_by_kind, dtype.__name__),
@@ -198,6 +208,8 @@ def tokenize_files(
     t0 = time.time()
     if workers < 1:
         raise DataToolsError(f"--workers must be >= 1, got {workers}")
+    if txt_unit not in ("line", "paragraph"):
+        raise DataToolsError(f"txt_unit must be 'line' or 'paragraph', not {txt_unit!r}")
     kind = normalize_kind(tokenizer)
     files = expand_inputs(list(inputs))
     tok = load_tokenizer(kind, tokenizer_model, eod_token)
@@ -216,14 +228,18 @@ def tokenize_files(
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    meta = indexed.read_meta(output_prefix)
+    try:
+        meta = indexed.read_meta(output_prefix)
+    except DataToolsError:
+        meta = None  # an unreadable sidecar just means: rebuild
     if (
         not force
         and meta is not None
         and meta.get("settings") == settings
         and meta.get("inputs_identity") == identities
-        and os.path.exists(indexed.bin_path(output_prefix))
         and os.path.exists(indexed.idx_path(output_prefix))
+        and os.path.exists(indexed.bin_path(output_prefix))
+        and os.path.getsize(indexed.bin_path(output_prefix)) == meta["tokens"] * np.dtype(dtype).itemsize
     ):
         summary = dict(meta["summary"], up_to_date=True)
         _say(f"{output_prefix}: up to date with its inputs and settings (use --force to rebuild)", quiet)
@@ -350,7 +366,7 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
                  opts_by_kind, dtype, workers, batch_bytes, txt_unit, strict, progress, quiet):
     from tqdm import tqdm
 
-    executor = _Inline(tok, opts_by_kind, dtype) if workers == 1 else _Pool(workers, kind, model, eod_token, opts_by_kind, dtype)
+    executor = _Inline(tok, opts_by_kind, dtype) if workers == 1 else _Pool(workers, tok, kind, model, eod_token, opts_by_kind, dtype)
     total_bytes = sum(os.path.getsize(files[i]) for i, _ in pending)
     bar = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, mininterval=0.5,
@@ -375,6 +391,12 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
                 except StopIteration:
                     exhausted = True
                     break
+                except DataToolsError as e:
+                    # a read error (e.g. truncated file) surfaces only after the batches queued
+                    # before it are written, so files finished before it are committed for resume
+                    inflight.append(("error", None, e))
+                    exhausted = True
+                    break
                 if item[0] == "batch":
                     _, file_no, fkind, units, pos = item
                     inflight.append(("batch", file_no, executor.submit(fkind, units), pos, units[0][0]))
@@ -383,6 +405,8 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
             if not inflight:
                 break
             entry = inflight.popleft()
+            if entry[0] == "error":
+                raise entry[2]
             file_no = entry[1]
             if cur_file != file_no:
                 cur_file = file_no

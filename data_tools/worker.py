@@ -76,7 +76,7 @@ def parse_unit(raw: bytes, opts: ParseOptions):
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as e:
-            return None, None, (MALFORMED_JSON, f"{e.msg} at column {e.colno}: {_short(raw)}")
+            return None, None, (MALFORMED_JSON, f"{e.msg} (column {e.colno}): {_short(raw)}")
         if not isinstance(obj, dict):
             return None, None, (NOT_AN_OBJECT, f"got {type(obj).__name__}")
         try:
@@ -154,11 +154,24 @@ def process_batch(tokenizer, units: list[tuple[int, bytes]], opts: ParseOptions,
 _STATE: dict = {}
 
 
+def share_tokenizer(tok, kind: str, model: str, eod_token) -> None:
+    """Called in the parent before forking: workers inherit the loaded tokenizer instead of each
+    parsing the file again (GPT-NeoX's takes ~0.2 s of CPU per process)."""
+    _STATE["tok"] = tok
+    _STATE["model"] = (kind, model, eod_token)
+
+
 def init_worker(kind: str, model: str, eod_token, opts_by_kind: dict, dtype_name: str) -> None:
+    import signal
+
     from .tokenizer import limit_threads, load_tokenizer
 
+    # Ctrl-C reaches the whole process group; the main process alone handles it (and stops us)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads()
-    _STATE["tok"] = load_tokenizer(kind, model, eod_token)
+    if _STATE.get("model") != (kind, model, eod_token):  # not inherited through fork: load it
+        _STATE["tok"] = load_tokenizer(kind, model, eod_token)
+        _STATE["model"] = (kind, model, eod_token)
     _STATE["opts"] = opts_by_kind
     _STATE["dtype"] = np.dtype(dtype_name)
 

@@ -10,7 +10,7 @@ import pytest
 
 from data_tools import load_tokenizer, tokenize_files, verify
 from data_tools.errors import DataToolsError
-from data_helpers import NEOX, SP8K, TOKENIZERS, read_docs, sample_records, write_bytes, write_jsonl
+from test_data_helpers import NEOX, SP8K, TOKENIZERS, read_docs, sample_records, write_bytes, write_jsonl
 
 RECORDS = sample_records(24)
 TEXTS = [r["text"] for r in RECORDS]

@@ -1,4 +1,4 @@
-"""Shared fixtures data for the data_tools tests: small real documents from the shipped sample."""
+"""Helpers shared by the data_tools tests (real documents from the shipped sample), and their own check."""
 
 from __future__ import annotations
 
@@ -59,3 +59,9 @@ def read_docs(prefix: str):
     ds = IndexedDataset(prefix)
     di = ds.document_indices
     return [np.concatenate([ds[i] for i in range(di[d], di[d + 1])]) for d in range(len(di) - 1)], ds
+
+
+def test_sample_records_alternate_subsets_and_are_real():
+    recs = sample_records(4)
+    assert [r["meta"]["pile_set_name"] for r in recs] == ["shakespeare_milton", "wikipedia_leads"] * 2
+    assert all(len(r["text"]) > 100 for r in recs)
