@@ -135,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON output (default bench/results/train_throughput_<device>.json)")
     args = ap.parse_args(argv)
 
+    from mesh_megatron.cpu_malloc import keep_heap_on_cpu
     from mesh_megatron.parallel import initialize_parallel
 
+    if not torch.cuda.is_available():
+        keep_heap_on_cpu()  # else glibc page-faults activations in every step and dominates the timings
     initialize_parallel(1)
     cfgs: list[ModelConfig] = []
     micro = args.micro_batch or 4

@@ -199,3 +199,11 @@ def test_fused_write_read_equals_plain(single_process):
     for a, b in zip(gp, gf):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert write_read(mem, val, ww, wr, need_buffer=False)[0] is None
+
+
+def test_keep_heap_on_cpu_applies_on_linux():
+    import sys
+
+    from mesh_megatron.cpu_malloc import keep_heap_on_cpu
+
+    assert keep_heap_on_cpu() is sys.platform.startswith("linux")
