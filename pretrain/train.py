@@ -45,6 +45,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         self.signal = signal.Signals(signum).name
+        ckpt.note_signal()
 
     def restore(self) -> None:
         for sig, old in self._old.items():
