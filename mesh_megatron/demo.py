@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(CONFIG, overrides)
     except ConfigError as e:
         sys.exit(f"demo: {e}")
-    if args.resume == "none" and cfg.checkpoint_dir.exists():
-        shutil.rmtree(cfg.checkpoint_dir)  # a fresh demo run; --resume auto keeps them
+    if args.resume == "none":  # a fresh demo run replaces the previous one's outputs; --resume auto keeps them
+        for old in (cfg.checkpoint_dir, out / "wandb"):
+            shutil.rmtree(old, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
     print(f"[demo] 2/4 training {cfg.model.name} ({cfg.model.arch}, {cfg.model.layout}) for {cfg.train.train_iters} steps on CPU",
           flush=True)
