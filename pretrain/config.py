@@ -288,6 +288,26 @@ def _valid_keys() -> list[str]:
     return keys
 
 
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(dotted key, type, default) for every run-config key (for `mesh-pretrain --list-options`)."""
+    out = []
+    for f in fields(ModelConfig):
+        default = "(required)" if f.default is dataclasses.MISSING else f.default
+        out.append((f"model.{f.name}", _type_name(typing.get_type_hints(ModelConfig)[f.name]), default))
+    for name, cls in SECTIONS.items():
+        inst = cls()
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                sub = getattr(inst, f.name)
+                sub_hints = typing.get_type_hints(type(sub))
+                for g in fields(sub):
+                    out.append((f"{name}.{f.name}.{g.name}", _type_name(sub_hints[g.name]), getattr(sub, g.name)))
+            else:
+                out.append((f"{name}.{f.name}", _type_name(hints[f.name]), getattr(inst, f.name)))
+    return out
+
+
 def apply_overrides(d: dict[str, Any], overrides: dict[str, str], source: str = "command line") -> dict[str, Any]:
     """Set dotted keys (`train.lr` -> d['train']['lr']); values are parsed as YAML ('3e-4', 'true', '[a, b]')."""
     valid = _valid_keys()
