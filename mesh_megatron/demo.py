@@ -40,7 +40,7 @@ def export(checkpoint: str, out_dir: Path) -> str | None:
         return None
     from mesh_megatron.hf.export import main as export_main
 
-    rc = export_main(["--checkpoint", checkpoint, "--out", str(out_dir)])
+    rc = export_main(["--checkpoint", checkpoint, "--out", str(out_dir), "--force"])  # a re-run replaces the last export
     if rc not in (0, None):
         raise SystemExit(f"demo: HF export failed (exit {rc})")
     return str(out_dir)

@@ -1,0 +1,321 @@
+"""mesh-export: a training checkpoint -> a Hugging Face model directory.
+
+    mesh-export --checkpoint runs/x/checkpoints --out hf/x [--tokenizer FILE] [--dtype bfloat16] [--verify]
+
+1. The checkpoint (any ZeRO stage, any TP size) is gathered into one full fp32 state dict by
+   `pretrain.checkpoint.load_full_model_state`, with the resolved run config (model section, tokens seen).
+2. Vanilla models become a native `GPTNeoXForCausalLM`; recursive and MeSH models a `MeshGPTForCausalLM` whose
+   configuration and modeling files are copied into the export (`auto_map`, `trust_remote_code=True`).
+3. The tokenizer (from --tokenizer, else the dataset's PREFIX.meta.json sidecar) becomes tokenizer.json +
+   tokenizer_config.json for `AutoTokenizer`.
+4. A model card (README.md) records architecture, loops, parameters, tokens seen and the training config.
+
+Everything is written into a temporary sibling directory which is renamed onto --out only when complete (and, with
+--verify, only after the export reproduced the training-side logits), so a failed or killed export never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mesh_megatron.config import ConfigError, ModelConfig
+from mesh_megatron.hf.card import model_card
+from mesh_megatron.hf.convert import ConversionError, check_state_dict, hf_config_dict, to_hf_state_dict
+from mesh_megatron.hf.tokenizer import TokenizerExportError, TokenizerSource, detect_kind, export_tokenizer
+
+HERE = Path(__file__).parent
+SHIPPED_FILES = ("configuration_mesh_gpt.py", "modeling_mesh_gpt.py")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARITY_TOL = 1e-4  # fp32 CPU logits, export vs training-side model
+
+
+class ExportError(RuntimeError):
+    """A user-facing export failure; the message says what is wrong and how to fix it."""
+
+
+# --- checkpoint input ------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(model config, full fp32 state dict, run config) from a training checkpoint directory."""
+    path = Path(ckpt_dir)
+    if not path.exists():
+        raise ExportError(f"--checkpoint {path}: no such directory")
+    if not path.is_dir():
+        raise ExportError(f"--checkpoint {path}: not a directory (pass the checkpoint directory or the run's checkpoint root)")
+    try:
+        from pretrain.checkpoint import load_full_model_state
+    except ImportError as e:
+        raise ExportError(f"--checkpoint {path}: cannot read training checkpoints: pretrain.checkpoint.load_full_model_state is unavailable ({e})") from None
+    try:
+        run_cfg, sd = load_full_model_state(path)
+    except ExportError:
+        raise
+    except (ValueError, KeyError, OSError, RuntimeError, EOFError, AssertionError) as e:
+        # ConfigError is a ValueError; torch.load / safetensors raise RuntimeError / OSError on truncated files.
+        raise ExportError(f"--checkpoint {path}: cannot read it as a complete training checkpoint: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- e.g. pickle.UnpicklingError of a corrupt shard; never a bare traceback
+        raise ExportError(f"--checkpoint {path}: corrupt or unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(run_cfg, dict) or "model" not in run_cfg:
+        raise ExportError(f"--checkpoint {path}: its run config has no 'model' section")
+    try:
+        cfg = ModelConfig.from_dict(dict(run_cfg["model"]), source=f"{path} (run config)")
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    return cfg, sd, run_cfg
+
+
+def tokenizer_from_run_config(run_cfg: dict | None) -> TokenizerSource | None:
+    """The tokenizer named by the first dataset's PREFIX.meta.json sidecar (written by data_tools), if any."""
+    data = (run_cfg or {}).get("data") or {}
+    for prefix in list(data.get("paths") or []) + list(data.get("valid_paths") or []):
+        meta_path = Path(str(prefix) + ".meta.json")
+        if not meta_path.is_file():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{meta_path}: not valid JSON ({e}); pass --tokenizer explicitly") from None
+        tok = meta.get("tokenizer", meta)
+        candidates = [c for c in (tok.get("path"), tok.get("relpath") and str(meta_path.parent / tok["relpath"])) if c]
+        if not candidates:
+            continue  # a sidecar without a tokenizer file (e.g. synthetic test data)
+        for c in candidates:
+            if Path(c).is_file():
+                return TokenizerSource(kind=_kind(tok.get("kind")), path=Path(c), eod_token=tok.get("eod_token"))
+        raise ExportError(f"{meta_path}: names tokenizer {candidates} but the file is gone; pass --tokenizer FILE")
+    return None
+
+
+def _kind(kind: str | None) -> str | None:
+    if kind is None:
+        return None
+    k = kind.lower()
+    return {"hf": "hf", "huggingface": "hf", "tokenizers": "hf", "sentencepiece": "sentencepiece", "sp": "sentencepiece", "spm": "sentencepiece"}.get(k, k)
+
+
+# --- writing -----------------------------------------------------------------------------------------------------------
+
+
+def _write_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_size: str) -> int:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size)
+    for filename, names in tqdm(split.filename_to_tensors.items(), desc="writing weights", unit="shard", disable=len(split.filename_to_tensors) < 2):
+        save_file({n: sd[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
+    from transformers import GenerationConfig
+
+    d = hf_config_dict(cfg, ids)
+    if cfg.arch == "vanilla":
+        from transformers import GPTNeoXConfig
+
+        legacy = {"rotary_pct": d.pop("rotary_pct"), "rotary_emb_base": d.pop("rotary_emb_base")}
+        arch_list = d.pop("architectures")
+        d.pop("model_type")
+        hf_cfg = GPTNeoXConfig(**d)
+    else:
+        from mesh_megatron.hf.configuration_mesh_gpt import MeshGPTConfig
+
+        legacy = {}
+        arch_list = d.pop("architectures")
+        d.pop("model_type")
+        auto_map = d.pop("auto_map")
+        hf_cfg = MeshGPTConfig(**d)
+        hf_cfg.auto_map = auto_map
+        for name in SHIPPED_FILES:
+            shutil.copyfile(HERE / name, out / name)
+    hf_cfg.architectures = arch_list
+    hf_cfg.dtype = DTYPES[dtype]
+    hf_cfg.save_pretrained(str(out))
+    if legacy:  # also under the pre-v5 GPTNeoX names, so older transformers read rotary settings too
+        p = out / "config.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), **legacy}, indent=2, sort_keys=True) + "\n")
+    gen = GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
+                           pad_token_id=ids.get("pad_token_id", ids.get("eos_token_id")))
+    gen.save_pretrained(str(out))
+
+
+def reference_logits(cfg: ModelConfig, sd: dict[str, torch.Tensor], input_ids: torch.Tensor, num_loops: int | None = None) -> torch.Tensor:
+    """Full logits of the training-side MeshGPTModel (TP=1, fp32) holding `sd`."""
+    from mesh_megatron.model import MeshGPTModel
+    from mesh_megatron.parallel import initialize_parallel
+
+    initialize_parallel(1)
+    model = MeshGPTModel(cfg.replace(params_dtype="float32", sequence_parallel=False, recompute="none", hidden_dropout=0.0, attention_dropout=0.0))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    missing = [m for m in missing if not m.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ExportError(f"state dict does not load into MeshGPTModel: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    model.eval()
+    with torch.no_grad():
+        return model.gather_logits(model(input_ids, num_loops=num_loops)).float()
+
+
+def load_export(out: Path, dtype: torch.dtype = torch.float32, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=dtype, **kwargs).eval()
+
+
+def verify(cfg: ModelConfig, sd: dict[str, torch.Tensor], out: Path, seq_len: int = 16, seed: int = 0) -> dict:
+    """Max |logits(export) - logits(training model)| on random tokens, fp32 on CPU; raises past PARITY_TOL."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, min(seq_len, cfg.seq_length)), generator=g)
+    ref = reference_logits(cfg, sd, ids)
+    hf = load_export(out)
+    with torch.no_grad():
+        got = hf(input_ids=ids, use_cache=False).logits.float()
+    diff = (got - ref).abs().max().item()
+    result = {"max_abs_diff": diff, "tokens": int(ids.numel()), "tolerance": PARITY_TOL}
+    if not diff <= PARITY_TOL:
+        raise ExportError(f"verification failed: exported logits differ from the training-side model by {diff:.3e} (> {PARITY_TOL})")
+    return result
+
+
+def check_output(out: Path, force: bool, dtype: str = "float32", check: bool = False) -> None:
+    """Refuse bad output settings before any (possibly long) checkpoint loading."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: choose one of {list(DTYPES)}")
+    if check and dtype != "float32":
+        raise ExportError("--verify compares fp32 logits; use it with --dtype float32")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it")
+
+
+def export_model(
+    cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    tokenizer: TokenizerSource | None,
+    run_config: dict | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    check: bool = False,
+    max_shard_size: str = "5GB",
+    source: str = "(in memory)",
+) -> dict:
+    """Write the Hugging Face export of (cfg, full TP=1 state dict) to out_dir atomically; returns a summary."""
+    out = Path(out_dir)
+    check_output(out, force, dtype, check)
+    try:
+        check_state_dict(cfg, state_dict, source)
+        hf_sd = to_hf_state_dict(cfg, state_dict, DTYPES[dtype])
+    except ConversionError as e:
+        raise ExportError(str(e)) from None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.partial{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        ids = {}
+        tok_note = "none exported"
+        if tokenizer is not None:
+            kind = tokenizer.kind or detect_kind(tokenizer.path)
+            tokenizer = TokenizerSource(kind, tokenizer.path, tokenizer.eod_token)
+            ids = export_tokenizer(tokenizer, tmp, model_max_length=cfg.seq_length)
+            tok_note = f"{'SentencePiece' if kind == 'sentencepiece' else 'HF tokenizers'} `{tokenizer.path.name}` -> `tokenizer.json`"
+        _write_config(cfg, tmp, ids, dtype)
+        nbytes = _write_weights(hf_sd, tmp, max_shard_size)
+        parity = verify(cfg, state_dict, tmp) if check else None
+        state = (run_config or {}).get("trainer_state") or {}
+        card = model_card(cfg, run_config={k: v for k, v in (run_config or {}).items() if k not in ("trainer_state", "checkpoint_path")} or None,
+                          tokens_seen=state.get("tokens_seen"), step=state.get("step"), tokenizer_note=tok_note,
+                          dtype=dtype, parity=parity, source=source)
+        (tmp / "README.md").write_text(card)
+        # Publish: the old export (with --force) is moved aside first and removed only after the rename succeeded.
+        old = None
+        if out.exists():
+            old = out.parent / f"{out.name}.old{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "arch": cfg.arch, "layout": cfg.layout, "bytes": nbytes, "parity": parity, "tokenizer": tok_note}
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer: TokenizerSource | None = None,
+                      no_tokenizer: bool = False, **kwargs) -> dict:
+    check_output(Path(out_dir), kwargs.get("force", False), kwargs.get("dtype", "float32"), kwargs.get("check", False))
+    if tokenizer is not None and not tokenizer.path.is_file():
+        raise ExportError(f"--tokenizer {tokenizer.path}: no such file")
+    cfg, sd, run_cfg = load_checkpoint(ckpt_dir)
+    if tokenizer is None and not no_tokenizer:
+        tokenizer = tokenizer_from_run_config(run_cfg)
+        if tokenizer is None:
+            raise ExportError(
+                f"--checkpoint {ckpt_dir}: no tokenizer found (its datasets have no PREFIX.meta.json sidecar); "
+                "pass --tokenizer FILE (tokenizer.json or SentencePiece .model), or --no-tokenizer for weights only"
+            )
+    return export_model(cfg, sd, out_dir, tokenizer=tokenizer, run_config=run_cfg, source=str(run_cfg.get("checkpoint_path", ckpt_dir)), **kwargs)
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mesh-export",
+        description="Export a mesh-megatron training checkpoint (any ZeRO stage, any TP size) as a Hugging Face model: "
+        "vanilla -> native GPTNeoXForCausalLM; recursive / MeSH -> MeshGPTForCausalLM with its code shipped "
+        "(load with trust_remote_code=True; num_loops overridable at load).",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_*) or a run's checkpoint root (its latest complete checkpoint is used)")
+    p.add_argument("--out", required=True, help="output directory for the Hugging Face model (written atomically)")
+    p.add_argument("--tokenizer", help="tokenizer file to export: a Hugging Face tokenizer.json or a SentencePiece .model "
+                   "(default: the one named by the training datasets' PREFIX.meta.json)")
+    p.add_argument("--tokenizer-kind", choices=("hf", "sentencepiece"), help="kind of --tokenizer (default: from its extension)")
+    p.add_argument("--eod-token", help="end-of-text token of the tokenizer (default: <|endoftext|> / the SentencePiece eos)")
+    p.add_argument("--no-tokenizer", action="store_true", help="export the weights and config only")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the saved weights (default float32, as trained master weights)")
+    p.add_argument("--max-shard-size", default="5GB", help="split weights into safetensors shards of at most this size (default 5GB)")
+    p.add_argument("--verify", action="store_true", help=f"before publishing, check the export's logits against the training-side model (fp32, CPU; fails above {PARITY_TOL})")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tok = None
+    if args.tokenizer:
+        tok = TokenizerSource(kind=args.tokenizer_kind, path=Path(args.tokenizer), eod_token=args.eod_token)
+    try:
+        summary = export_checkpoint(args.checkpoint, args.out, tokenizer=tok, no_tokenizer=args.no_tokenizer, dtype=args.dtype,
+                                    force=args.force, check=args.verify, max_shard_size=args.max_shard_size)
+    except (ExportError, TokenizerExportError) as e:
+        print(f"mesh-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"mesh-export: wrote {summary['arch']} model (layout {summary['layout']}, {summary['bytes'] / 2**20:.1f} MiB of weights) to {summary['out']}")
+    print(f"  tokenizer: {summary['tokenizer']}")
+    if summary["parity"]:
+        print(f"  verified: max |logits diff| = {summary['parity']['max_abs_diff']:.2e} (tolerance {PARITY_TOL})")
+    how = "" if summary["arch"] == "vanilla" else ", trust_remote_code=True"
+    print(f"  load: AutoModelForCausalLM.from_pretrained('{summary['out']}'{how})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""mesh-plan: arithmetic, refusals, the shipped job layouts, and the memory estimate against tensors measured on CPU."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+
+from mesh_megatron.config import ModelConfig
+from mesh_megatron.params import count_parameters
+from mesh_megatron.plan import (
+    Layout,
+    activation_bytes,
+    estimate,
+    layer_activation_elems,
+    load_job,
+    main,
+    mesh_buffer_bytes,
+    params_per_tp_rank,
+    plan_job,
+    time_to_train,
+)
+
+JOBS = sorted(glob.glob("slurm/jobs/*.yaml"))
+# Stated tolerance of the activation estimate vs the tensors autograd actually saves (measured on CPU, fp32).
+ACT_TOLERANCE = 0.10
+
+
+def test_every_pythia_scale_has_vanilla_and_mesh_jobs():
+    names = {Path(p).stem for p in JOBS}
+    for size in ("160m", "410m", "1b", "1.4b", "2.8b", "6.9b"):
+        assert {f"pythia-{size}-vanilla", f"pythia-{size}-mesh"} <= names
+
+
+@pytest.mark.parametrize("path", JOBS)
+def test_shipped_jobs_divide_and_fit_80gb_at_pythia_batch(path):
+    job = load_job(path)
+    plan = plan_job(job)
+    assert plan.fits, plan.problems
+    assert plan.layout.global_batch == 1024 and plan.cfg.seq_length == 2048
+    assert plan.tokens_per_step == 1024 * 2048
+    L = plan.layout
+    assert L.micro_batch * plan.grad_accum * L.dp == 1024
+    assert plan.total < 0.9 * 80e9
+
+
+def test_refuses_heads_not_divisible_by_tp(capsys):
+    rc = main(["--config", "configs/pythia-1b-mesh.yaml", "--nodes", "1", "--gpus-per-node", "8", "--tp", "16"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "REFUSED" in out and "8 heads are not divisible by tensor parallel size 16" in out
+
+
+def test_refuses_global_batch_not_divisible(capsys):
+    rc = main(["--config", "configs/pythia-160m-vanilla.yaml", "--nodes", "3", "--gpus-per-node", "8", "--micro-batch", "8",
+               "--global-batch", "1024"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "1024 is not divisible by micro_batch_size x data-parallel size = 8 x 24 = 192" in out
+
+
+def test_refuses_a_layout_that_does_not_fit_and_says_what_to_change(capsys):
+    rc = main(["--config", "configs/pythia-6.9b-vanilla.yaml", "--nodes", "1", "--gpus-per-node", "8", "--tp", "1",
+               "--zero", "0", "--micro-batch", "16", "--global-batch", "128", "--recompute", "none"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "does not fit" in out and "model.recompute: layer" in out and "parallel.zero_stage: 1" in out
+
+
+def test_zero_stages_shard_what_they_should():
+    cfg = ModelConfig.from_yaml("configs/pythia-1.4b-vanilla.yaml")
+    base = dict(nodes=8, gpus_per_node=8, micro_batch=16, global_batch=1024, recompute="layer")
+    s = {z: estimate(cfg, Layout(zero=z, **base)).states for z in range(4)}
+    psi, dp = count_parameters(cfg)["total"], 64
+    assert s[0]["weights"] == 2 * psi and s[0]["grads"] == 2 * psi and s[0]["optimizer"] == 12 * psi
+    assert s[1]["optimizer"] == pytest.approx(12 * psi / dp) and s[1]["grads"] == 2 * psi
+    assert s[2]["grads"] == pytest.approx(2 * psi / dp)
+    assert s[3]["weights"] == pytest.approx(2 * psi / dp)
+
+
+def test_tp_split_matches_the_model(single_process):
+    """Which parameters megatron-core splits over TP (tensor_model_parallel) vs replicates, counted on a real model."""
+    from mesh_megatron.model import MeshGPTModel
+
+    for name in ("tiny-mesh", "tiny-vanilla"):
+        cfg = ModelConfig.from_yaml(f"configs/{name}.yaml")
+        m = MeshGPTModel(cfg)
+        split = sum(p.numel() for p in m.parameters() if getattr(p, "tensor_model_parallel", False))
+        repl = sum(p.numel() for p in m.parameters() if not getattr(p, "tensor_model_parallel", False))
+        assert params_per_tp_rank(cfg, 1) == (split, repl)
+        assert params_per_tp_rank(cfg, 2) == (split // 2, repl)
+
+
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for backward in one forward (the activations)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and t.dtype.is_floating_point:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids[:, :-1], ids[:, 1:]).mean()
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "arch, recompute",
+    [("vanilla", "none"), ("vanilla", "layer"), ("mesh", "none"), ("mesh", "layer"), ("mesh", "loop")],
+)
+def test_activation_estimate_matches_measured_on_cpu(single_process, arch, recompute):
+    """d=256 and a small vocabulary so the transformer layers (not the LM head) dominate what is measured."""
+    from mesh_megatron.model import MeshGPTModel
+    from mesh_megatron.parallel import set_seed
+
+    shape = dict(hidden_size=256, num_attention_heads=4, seq_length=64, vocab_size=512, make_vocab_size_divisible_by=64,
+                 recompute=recompute)
+    layers = dict(arch="vanilla", num_layers=4) if arch == "vanilla" else dict(
+        arch="mesh", prelude_layers=1, core_layers=2, num_loops=2, coda_layers=1)
+    cfg = ModelConfig(**shape, **layers)
+    set_seed(0)
+    model = MeshGPTModel(cfg)
+    b, s = 4, cfg.seq_length
+    ids = torch.randint(0, cfg.vocab_size, (b, s + 1))
+    measured = _saved_activation_bytes(model, ids)
+
+    full_layer = layer_activation_elems(cfg, s, b, 1) * 4
+    recompute_transient = {"none": 0, "layer": full_layer, "loop": cfg.core_layers * full_layer}[recompute]
+    mesh_transient = 2 * cfg.num_slots * s * b * cfg.hidden_size * 4 if arch == "mesh" else 0
+    kept = (activation_bytes(cfg, s, b, 1, 4, recompute) - recompute_transient
+            + mesh_buffer_bytes(cfg, s, b, 4) - mesh_transient
+            + 4 * s * b * cfg.padded_vocab_size + 2 * 4 * s * b * cfg.hidden_size)  # softmax kept + final LN in/out
+    assert measured == pytest.approx(kept, rel=ACT_TOLERANCE), f"measured {measured:,} vs estimated {kept:,}"
+
+
+def test_model_states_match_a_real_adamw_step_on_cpu(single_process):
+    """fp32, ZeRO-0: weights + grads + AdamW (m, v) bytes exactly as estimated."""
+    from mesh_megatron.model import MeshGPTModel
+
+    cfg = ModelConfig.from_yaml("configs/tiny-mesh.yaml")
+    model = MeshGPTModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    model(ids[:, :-1], ids[:, 1:]).mean().backward()
+    opt.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    optim = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if t.dim() > 0)
+    est = estimate(cfg, Layout(nodes=1, gpus_per_node=1, zero=0, micro_batch=2, global_batch=2, precision="fp32",
+                               gpu_memory_gb=0)).states
+    assert (weights, grads, optim) == (est["weights"], est["grads"], est["optimizer"])
+
+
+def test_time_to_train_arithmetic(capsys):
+    # 300B tokens at 10k tok/s/GPU on 100 GPUs at 100% = 3e5 s.
+    assert time_to_train(3e11, 1e4, 100, 1.0) == pytest.approx(3e5)
+    rc = main(["--job", "slurm/jobs/pythia-1.4b-mesh.yaml", "--tokens-per-sec", "20000", "--scaling-efficiency", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "time to train" in out and "GPU-hours" in out and "OK: the layout divides and fits" in out
+
+
+def test_bad_job_file_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("config: configs/tiny-mesh.yaml\nnodes: 1\ngpus_per_nod: 8\n")
+    rc = main(["--job", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown key 'gpus_per_nod'" in err and "did you mean 'gpus_per_node'" in err
