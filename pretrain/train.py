@@ -334,7 +334,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             if cfg.checkpoint.save_at_end and (last_ckpt is None or last_ckpt.name != ckpt.tag_for(state.step)):
                 last_ckpt = do_save()
     finally:
-        stop.restore()
+        # After a signal-triggered stop keep our handler: launchers (srun, torchrun) may repeat the signal while
+        # this process exits, and the default action would turn a clean, checkpointed stop into a kill.
+        if stopped_by is None or stop.signal is None:
+            stop.restore()
         metrics.close()
 
     return {
