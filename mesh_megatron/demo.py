@@ -40,7 +40,8 @@ def export(checkpoint: str, out_dir: Path) -> str | None:
         return None
     from mesh_megatron.hf.export import main as export_main
 
-    rc = export_main(["--checkpoint", checkpoint, "--out", str(out_dir), "--force"])  # a re-run replaces the last export
+    # --force: a re-run replaces the last export; --verify: logits parity with the training-side model before publishing
+    rc = export_main(["--checkpoint", checkpoint, "--out", str(out_dir), "--force", "--verify"])
     if rc not in (0, None):
         raise SystemExit(f"demo: HF export failed (exit {rc})")
     return str(out_dir)
@@ -76,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(CONFIG, overrides)
     except ConfigError as e:
         sys.exit(f"demo: {e}")
-    if args.resume == "none" and cfg.checkpoint_dir.exists():
-        shutil.rmtree(cfg.checkpoint_dir)  # a fresh demo run; --resume auto keeps them
+    if args.resume == "none":  # a fresh demo run replaces the previous one's outputs; --resume auto keeps them
+        for old in (cfg.checkpoint_dir, out / "wandb"):
+            shutil.rmtree(old, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
     print(f"[demo] 2/4 training {cfg.model.name} ({cfg.model.arch}, {cfg.model.layout}) for {cfg.train.train_iters} steps on CPU",
           flush=True)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] 4/4 Hugging Face export", flush=True)
     exported = export(result["checkpoint"], hf_dir) if result["checkpoint"] else None
     if exported is None:
-        print("[demo]     skipped: mesh_megatron.hf.export is not installed in this checkout yet", flush=True)
+        print("[demo]     skipped: mesh_megatron.hf.export is not installed in this checkout", flush=True)
 
     print(f"\n[demo] done in {time.time() - t0:.0f}s. Written:", flush=True)
     rows = [

@@ -189,14 +189,24 @@ def save(engine, cfg, state: TrainerState, root: Path) -> Path:
     return final
 
 
+_signal_seen = False
+
+
+def note_signal() -> None:
+    """Called by the trainer's SIGTERM/SIGUSR1 handler (ends a test pause early; the save itself always completes)."""
+    global _signal_seen
+    _signal_seen = True
+
+
 def _fault_injection_pause(step: int) -> None:
     """Tests only: MESH_PRETRAIN_PAUSE_BEFORE_COMMIT=STEP:SECONDS sleeps at the worst moment of that step's save
-    (every file written, directory not yet renamed) so a test can kill -9 the process there."""
+    (every file written, directory not yet renamed) so a test can kill -9 the process there, or signal it."""
     spec = os.environ.get("MESH_PRETRAIN_PAUSE_BEFORE_COMMIT")
     if spec:
         at, secs = spec.split(":")
-        if int(at) == step:
-            time.sleep(float(secs))
+        deadline = time.time() + float(secs)
+        while int(at) == step and time.time() < deadline and not _signal_seen:
+            time.sleep(0.05)
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:

@@ -59,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--config", required=True, help="run YAML (model, data, train, parallel, checkpoint, logging sections)")
+    ap.add_argument("--config", help="run YAML (model, data, train, parallel, checkpoint, logging sections)")
     ap.add_argument("--resume", default=None, metavar="auto|none|PATH",
                     help="shorthand for --checkpoint.resume: 'auto' = latest complete checkpoint in checkpoint.dir if any, "
                     "or a checkpoint directory")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit without training")
+    ap.add_argument("--list-options", action="store_true",
+                    help="list every --section.key override with its type and default, then exit (--config not needed)")
     return ap
 
 
@@ -74,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex are not installed|full scope is deprecated).*")
     ap = build_parser()
     args, rest = ap.parse_known_args(argv)
+    if args.list_options:
+        from pretrain.config import describe_keys
+
+        for key, tp, default in describe_keys():
+            print(f"--{key:<38} {tp:<22} default: {default!r}")
+        return 0
+    if not args.config:
+        ap.error("--config is required")
     try:
         from pretrain.config import load_run_config
 

@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     eval_interval: int = 200  # steps between validation runs (0 = only at the end)
     eval_iters: int = 10  # global batches per validation run (the same samples at every evaluation)
+    eval_num_loops: list[int] = field(default_factory=list)  # also validate with these loop counts K (recursive/mesh)
     log_interval: int = 10  # steps between console lines
     check_replicated_interval: int = 0  # >0: assert TP-replicated params are identical every N steps (debug)
     exit_at_step: int | None = None  # save a checkpoint and stop after this step, as if preempted (chunked runs, tests)
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision: '{self.precision}' not in (auto, bf16, fp32){closest(self.precision, ['auto', 'bf16', 'fp32'])}")
+        if any(k < 1 for k in self.eval_num_loops):
+            raise ConfigError(f"train.eval_num_loops: loop counts must be >= 1, got {self.eval_num_loops}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size: {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
@@ -283,6 +286,26 @@ def _valid_keys() -> list[str]:
             else:
                 keys.append(f"{name}.{f.name}")
     return keys
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(dotted key, type, default) for every run-config key (for `mesh-pretrain --list-options`)."""
+    out = []
+    for f in fields(ModelConfig):
+        default = "(required)" if f.default is dataclasses.MISSING else f.default
+        out.append((f"model.{f.name}", _type_name(typing.get_type_hints(ModelConfig)[f.name]), default))
+    for name, cls in SECTIONS.items():
+        inst = cls()
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                sub = getattr(inst, f.name)
+                sub_hints = typing.get_type_hints(type(sub))
+                for g in fields(sub):
+                    out.append((f"{name}.{f.name}.{g.name}", _type_name(sub_hints[g.name]), getattr(sub, g.name)))
+            else:
+                out.append((f"{name}.{f.name}", _type_name(hints[f.name]), getattr(inst, f.name)))
+    return out
 
 
 def apply_overrides(d: dict[str, Any], overrides: dict[str, str], source: str = "command line") -> dict[str, Any]:

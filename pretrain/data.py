@@ -81,6 +81,50 @@ def dataset_tokenizer(cfg: RunConfig) -> DatasetTokenizer:
     return DatasetTokenizer(vocab_size=vocab or cfg.model.vocab_size, eod=0 if eod is None else eod)
 
 
+def _tokens_per_split(prefix: str, split: list[float]) -> list[int]:
+    """Tokens megatron-core would put in each split of one prefix (same document book-ends as its builder)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    lengths = ds.sequence_lengths.astype("int64")  # a copy: the original is a view of the index mmap, closed with ds
+    del ds
+    n = len(lengths)
+    out = []
+    for book in convert_split_vector_to_split_matrix(split):
+        if book is None:
+            out.append(0)
+        else:
+            beg, end = int(round(book[0] * n)), int(round(book[1] * n))
+            out.append(int(lengths[beg:end].sum()))
+    return out
+
+
+def effective_split(cfg: RunConfig) -> str:
+    """The split string to hand megatron-core: a valid/test split that would get no complete sample in some prefix is
+    dropped (megatron-core would loop forever looking for one), with a note; an empty train split is an error."""
+    vals = [float(v) for v in cfg.data.split.split(",")]
+    total = sum(vals)
+    split = [v / total for v in vals]
+    need = cfg.model.seq_length + 1
+    dropped = []
+    for prefix in cfg.data.paths:
+        toks = _tokens_per_split(prefix, split)
+        if toks[0] < need:
+            raise ConfigError(
+                f"data.split: the train split of '{prefix}' has {toks[0]} tokens, fewer than one sample of seq_length+1 = {need}; "
+                "use more data or a larger train share"
+            )
+        for i, name in ((1, "valid"), (2, "test")):
+            if vals[i] > 0 and toks[i] < need:
+                vals[i] = 0.0
+                dropped.append(f"{name} ({toks[i]} tokens in '{Path(prefix).name}')")
+    if dropped and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"[pretrain] note: data.split '{cfg.data.split}' leaves too little data for: {', '.join(dropped)}; "
+              "skipping that evaluation (give a larger share or data.valid_paths / data.test_paths)", flush=True)
+    return ",".join(f"{v:g}" for v in vals)
+
+
 def build_datasets(cfg: RunConfig, dp_size: int):
     """(train, valid, test) megatron-core datasets sized for this run (valid/test may be None)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -112,11 +156,16 @@ def build_datasets(cfg: RunConfig, dp_size: int):
     )
     if d.valid_paths or d.test_paths:
         blend = lambda paths: (list(paths), None) if paths else None  # noqa: E731
+        need = cfg.model.seq_length + 1
+        for field, paths in (("data.paths", d.paths), ("data.valid_paths", d.valid_paths), ("data.test_paths", d.test_paths)):
+            for prefix in paths or []:
+                if _tokens_per_split(prefix, [1.0, 0.0, 0.0])[0] < need:
+                    raise ConfigError(f"{field}: '{prefix}' has fewer tokens than one sample (seq_length+1 = {need})")
         ds_cfg = GPTDatasetConfig(
             blend_per_split=[(list(d.paths), weights), blend(d.valid_paths), blend(d.test_paths)], **common
         )
     else:
-        ds_cfg = GPTDatasetConfig(blend=(list(d.paths), weights), split=d.split, **common)
+        ds_cfg = GPTDatasetConfig(blend=(list(d.paths), weights), split=effective_split(cfg), **common)
     try:
         train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_cfg).build()
     except AssertionError as e:

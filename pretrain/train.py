@@ -45,6 +45,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         self.signal = signal.Signals(signum).name
+        ckpt.note_signal()
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -113,7 +114,7 @@ def _dp_mean(values: list[float], device) -> float:
     return (t[0] / t[1]).item()
 
 
-def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int) -> dict[str, float] | None:
+def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int, num_loops: int | None = None) -> dict[str, float] | None:
     """Token-weighted mean loss and perplexity over a fixed slice of a split (identical every call)."""
     from megatron.core import parallel_state as ps
 
@@ -124,7 +125,7 @@ def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int) -> dic
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     with torch.no_grad():
         for b in batches:
-            loss_tok = engine(input_ids=b["tokens"].to(engine.device), labels=b["labels"].to(engine.device))
+            loss_tok = engine(input_ids=b["tokens"].to(engine.device), labels=b["labels"].to(engine.device), num_loops=num_loops)
             mask = b["loss_mask"].to(engine.device)
             total[0] += (loss_tok.float() * mask).sum().double()
             total[1] += mask.sum().double()
@@ -139,7 +140,10 @@ def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int) -> dic
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) training as configured. Collective over all ranks."""
+    t_setup = time.time()
+    phases: dict[str, float] = {}
     pd.setup(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s)
+    phases["distributed"] = time.time() - t_setup
     import deepspeed
 
     from mesh_megatron.model import MeshGPTModel
@@ -170,7 +174,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     # Same seed everywhere: full master weights are built identically on every rank, then split over TP.
     set_seed(t.seed)
+    t_phase = time.time()
     model = MeshGPTModel(cfg.model)
+    phases["model"] = time.time() - t_phase
+    t_phase = time.time()
     ds_config = deepspeed_config(cfg, dp_size, precision)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
@@ -180,6 +187,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         lr_scheduler=lambda opt: build_scheduler(opt, t.train_iters, t.warmup_steps, t.min_lr_ratio),
     )
     grad_accum = ds_config["gradient_accumulation_steps"]
+    phases["deepspeed"] = time.time() - t_phase
 
     state = ckpt.TrainerState(
         tensor_parallel_size=tp_size, data_parallel_size=dp_size, zero_stage=cfg.parallel.zero_stage,
@@ -196,8 +204,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     elif cfg.checkpoint.resume not in ("none", "auto") and is_main:
         print("[pretrain] no checkpoint to resume from; starting from scratch", flush=True)
 
+    t_phase = time.time()
     train_ds, valid_ds, test_ds = build_datasets(cfg, dp_size)
+    phases["data"] = time.time() - t_phase
+    t_phase = time.time()
     metrics = Metrics(cfg, rank, run_dir, resume_wandb_id=state.wandb_id)
+    phases["logging"] = time.time() - t_phase
     if is_main:
         state.wandb_id = metrics.wandb_id
     peak = device_peak_tflops(cfg.logging.peak_tflops)
@@ -214,6 +226,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             f"= {tokens_per_step:,} tokens/step | {len(train_ds):,} train samples | checkpoints -> {root}",
             flush=True,
         )
+        print("[pretrain] setup " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), flush=True)
 
     stop = _StopFlag()
     stop.install()
@@ -239,6 +252,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             {"event": "eval", "step": state.step, f"{split}/loss": res["loss"], f"{split}/ppl": res["ppl"]},
             console=f"[pretrain] {split:5s} step {state.step}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens",
         )
+        # the same samples with more / fewer core iterations than trained (recursive / MeSH only)
+        if cfg.model.arch != "vanilla":
+            for k in t.eval_num_loops:
+                rk = evaluate(engine, ds, cfg, dp_rank, dp_size, num_loops=k)
+                evals.append({"step": state.step, "split": f"{split}@K{k}", "num_loops": k, **rk})
+                metrics.log(
+                    {"event": "eval", "step": state.step, f"{split}/loss@K{k}": rk["loss"], f"{split}/ppl@K{k}": rk["ppl"]},
+                    console=f"[pretrain] {split:5s} step {state.step}: K={k}: loss {rk['loss']:.4f} | ppl {rk['ppl']:.2f}",
+                )
 
     try:
         while state.step < t.train_iters:
@@ -312,7 +334,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             if cfg.checkpoint.save_at_end and (last_ckpt is None or last_ckpt.name != ckpt.tag_for(state.step)):
                 last_ckpt = do_save()
     finally:
-        stop.restore()
+        # After a signal-triggered stop keep our handler: launchers (srun, torchrun) may repeat the signal while
+        # this process exits, and the default action would turn a clean, checkpointed stop into a kill.
+        if stopped_by is None or stop.signal is None:
+            stop.restore()
         metrics.close()
 
     return {

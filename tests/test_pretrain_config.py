@@ -101,6 +101,9 @@ def test_cli_print_config_and_errors(capsys):
     assert "unknown option '--train.lrate'" in err and "did you mean 'train.lr'" in err
     assert main(["--config", "configs/nope.yaml"]) == 2
     assert "no such config file" in capsys.readouterr().err
+    assert main(["--list-options"]) == 0
+    listing = capsys.readouterr().out
+    assert "--train.lr " in listing and "--logging.wandb.mode " in listing and "--model.arch " in listing
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0

@@ -71,3 +71,15 @@ def test_missing_and_mismatched_data_are_clear_errors(single_process, prefixes, 
     cfg.model = cfg.model.replace(vocab_size=128)
     with pytest.raises(ConfigError, match=r"tokenized with a vocabulary of 256 tokens but model.vocab_size is 128"):
         build_datasets(cfg, 1)
+
+
+def test_split_too_small_for_a_sample_is_dropped_or_refused(single_process, tmp_path, capsys):
+    small = make_dataset(tmp_path / "small", n_docs=20, seed=3)  # test share 2% of 20 docs = 0 documents
+    cfg = cfg_for([small], tmp_path / "run")
+    train, valid, test = build_datasets(cfg, 1)
+    assert len(train) > 0 and valid is not None and test is None
+    assert "too little data for: test" in capsys.readouterr().out
+    cfg = cfg_for([small], tmp_path / "run2")
+    cfg.data.split = "1,99,0"
+    with pytest.raises(ConfigError, match=r"data.split: the train split of .* fewer than one sample"):
+        build_datasets(cfg, 1)

@@ -44,7 +44,9 @@ def write_config(tmp: Path, data_prefix: str, name: str) -> Path:
 
 
 def env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+    # a fresh single-process job: drop launcher variables an in-process test may have set in this interpreter
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
             "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), **extra}
 
 
@@ -53,11 +55,15 @@ def cli(config: Path, *args, **extra_env) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(pred, timeout=120.0):
+def wait_for(pred, proc: subprocess.Popen, timeout=500.0):
+    """Poll until pred() (generous timeout: CI boxes can be heavily shared); fail fast if the process died."""
     t0 = time.time()
     while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early (rc {proc.returncode}):\n{proc.communicate()[0][-3000:]}")
         if time.time() - t0 > timeout:
-            raise TimeoutError
+            proc.kill()
+            raise TimeoutError(proc.communicate()[0][-3000:])
         time.sleep(0.05)
 
 
@@ -84,8 +90,8 @@ def runs(tmp_path_factory):
     a = cli(a_cfg)  # runs alongside B (separate dirs)
 
     # B: SIGTERM during the (paused) save of step 3
-    b = cli(run_cfg, MESH_PRETRAIN_PAUSE_BEFORE_COMMIT="3:4")
-    wait_for(lambda: (ckpts / ".tmp-step_00000003" / "COMPLETE").exists())
+    b = cli(run_cfg, MESH_PRETRAIN_PAUSE_BEFORE_COMMIT="3:600")
+    wait_for(lambda: (ckpts / ".tmp-step_00000003" / "COMPLETE").exists(), b)
     b.send_signal(signal.SIGTERM)
     b_out = b.communicate(timeout=300)[0]
     a_out = a.communicate(timeout=300)[0]
@@ -93,8 +99,8 @@ def runs(tmp_path_factory):
     b_losses = losses(run_dir)
 
     # C: resume, SIGKILL inside step 9's save (files written, rename pending)
-    c = cli(run_cfg, "--resume", "auto", MESH_PRETRAIN_PAUSE_BEFORE_COMMIT="9:120")
-    wait_for(lambda: (ckpts / ".tmp-step_00000009" / "COMPLETE").exists())
+    c = cli(run_cfg, "--resume", "auto", MESH_PRETRAIN_PAUSE_BEFORE_COMMIT="9:600")
+    wait_for(lambda: (ckpts / ".tmp-step_00000009" / "COMPLETE").exists(), c)
     c.kill()
     c_out = c.communicate(timeout=60)[0]
     after_kill = {
@@ -148,6 +154,9 @@ def test_resume_reproduces_uninterrupted_losses_exactly(runs):
     vd = [e for e in runs["d_evals"] if "valid/loss" in e][-1]["valid/loss"]
     assert va == vd
     assert a[STEPS] < a[1]
+    # B, C and D logged into one wandb run (its id travels in the checkpoint)
+    wb = list((runs["run_dir"] / "wandb").glob("offline-run-*"))
+    assert len(wb) == 3 and len({p.name.rsplit("-", 1)[-1] for p in wb}) == 1
 
 
 def test_mismatched_checkpoint_is_a_clear_error(runs):
