@@ -142,6 +142,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) training as configured. Collective over all ranks."""
     t_setup = time.time()
     phases: dict[str, float] = {}
+    if not torch.cuda.is_available():
+        from mesh_megatron.cpu_malloc import keep_heap_on_cpu
+
+        keep_heap_on_cpu()  # glibc would otherwise unmap and page-fault the activations in again every step
     pd.setup(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s)
     phases["distributed"] = time.time() - t_setup
     import deepspeed
