@@ -53,6 +53,17 @@ def closest(name: str, valid: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """yaml.safe_load of a file, with a missing file or bad YAML as a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 @dataclass
 class ModelConfig:
     # --- shape -------------------------------------------------------------------------------
@@ -205,13 +216,7 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
         """Reads a model config, either bare or as the `model:` section of a run config."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path)
         if isinstance(data, dict) and "model" in data:
             data = data["model"]
         return cls.from_dict(data or {}, source=str(path))
@@ -223,4 +228,4 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "ConfigError", "ARCHS", "CONNECTIONS", "closest"]
+__all__ = ["ModelConfig", "ConfigError", "ARCHS", "CONNECTIONS", "closest", "read_yaml"]

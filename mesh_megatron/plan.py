@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from mesh_megatron.config import ConfigError, ModelConfig
 from mesh_megatron.params import count_parameters, flops_per_token
@@ -58,6 +57,17 @@ class PlanError(ValueError):
 JOB_KEYS = ("config", "nodes", "gpus_per_node", "gpu_memory_gb", "time", "partition", "overrides", "notes")
 
 
+def job_from_args(ap, args) -> dict[str, Any]:
+    """The job of a `--job FILE` or `--config X --nodes N --gpus-per-node G` command line (mesh-plan, mesh-submit)."""
+    if bool(args.job) == bool(args.config):
+        ap.error("give exactly one of --job or --config")
+    if args.job:
+        return load_job(args.job)
+    if args.nodes is None or args.gpus_per_node is None:
+        ap.error("--config needs --nodes and --gpus-per-node")
+    return {"config": args.config, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "overrides": {}}
+
+
 def set_dotted(tree: dict, key: str, value: Any) -> None:
     node = tree
     *parents, leaf = key.split(".")
@@ -70,13 +80,10 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
 
 def load_job(path: str | Path) -> dict[str, Any]:
     """Read slurm/jobs/*.yaml: {config, nodes, gpus_per_node, gpu_memory_gb, time, overrides{dotted: value}}."""
+    from mesh_megatron.config import read_yaml
+
     path = Path(path)
-    try:
-        job = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    job = read_yaml(path, "job file")
     if not isinstance(job, dict):
         raise ConfigError(f"{path}: a job file is a mapping with keys {JOB_KEYS}")
     from mesh_megatron.config import closest
@@ -96,11 +103,9 @@ def load_job(path: str | Path) -> dict[str, Any]:
 
 def load_run_dict(config_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run YAML as a dict with dotted overrides applied (sections the planner does not read are kept)."""
-    config_path = Path(config_path)
-    try:
-        run = yaml.safe_load(config_path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{config_path}: no such config file") from None
+    from mesh_megatron.config import read_yaml
+
+    run = read_yaml(config_path) or {}
     if "model" not in run:  # a bare model YAML
         run = {"model": run}
     for k, v in (overrides or {}).items():
@@ -402,14 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        if bool(args.job) == bool(args.config):
-            ap.error("give exactly one of --job or --config")
-        if args.job:
-            job = load_job(args.job)
-        else:
-            if args.nodes is None or args.gpus_per_node is None:
-                ap.error("--config needs --nodes and --gpus-per-node")
-            job = {"config": args.config, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "overrides": {}}
+        job = job_from_args(ap, args)
         for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("gpu_memory_gb", "gpu_memory_gb")):
             if getattr(args, flag) is not None:
                 job[key] = getattr(args, flag)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_megatron.config import ConfigError, ModelConfig
-from mesh_megatron.plan import estimate, layout_from_run, load_job, load_run_dict, report
+from mesh_megatron.plan import estimate, job_from_args, layout_from_run, load_run_dict, report
 
 SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"
 
@@ -106,14 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        if bool(args.job) == bool(args.config):
-            ap.error("give a job file or --config (not both)")
-        if args.job:
-            job = load_job(args.job)
-        else:
-            if args.nodes is None or args.gpus_per_node is None:
-                ap.error("--config needs --nodes and --gpus-per-node")
-            job = {"config": args.config, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "overrides": {}}
+        job = job_from_args(ap, args)
         if args.nodes is not None:
             job["nodes"] = args.nodes
         if args.gpus_per_node is not None:

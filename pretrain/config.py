@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mesh_megatron.config import ConfigError, ModelConfig, closest
+from mesh_megatron.config import read_yaml as _read_yaml
 
 
 @dataclass
@@ -329,14 +330,7 @@ def apply_overrides(d: dict[str, Any], overrides: dict[str, str], source: str = 
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return data or {}
+    return _read_yaml(path) or {}
 
 
 def load_run_config(path: str | Path, overrides: dict[str, str] | None = None) -> RunConfig:

@@ -4,7 +4,6 @@ number, and its per-choice log-likelihoods equal the training-side model's on th
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from export_cases import CASES, LOOPED, batch, model_state
+from export_cases import CASES, batch, model_state
 from mesh_megatron.config import ModelConfig
 from mesh_megatron.hf.export import PARITY_TOL, export_model, load_export, reference_logits
 

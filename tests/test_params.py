@@ -2,7 +2,6 @@
 number of parameters the built model actually has."""
 
 import pytest
-import torch
 
 from mesh_megatron.config import ModelConfig
 from mesh_megatron.params import count_parameters, flops_per_token
