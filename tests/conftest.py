@@ -14,3 +14,21 @@ def single_process():
     initialize_parallel(1)
     set_seed(1234)
     yield
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> None:
+    """Launch tests/<script> on `nproc` real gloo processes with torchrun; fail with the tail of its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(here / script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -4,14 +4,12 @@ the tokenizer is found through the dataset's PREFIX.meta.json (data_tools, shipp
 incomplete checkpoint is a clear error."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -47,11 +45,7 @@ def checkpoints(tmp_path_factory):
                    tokenizer_model=str(ROOT / "data" / "tokenizers" / "sample_sp8k.model"), quiet=True)
     spec = {name: run_config(name, m, prefix, root / name) for name, m in MODELS.items()}
     (root / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(HERE), str(ROOT)]),
-           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(HERE / "export_ckpt_worker.py"), str(root / "spec.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_torchrun("export_ckpt_worker.py", root / "spec.json", nproc=4)
     return {name: root / name / "checkpoints" for name in MODELS}
 
 

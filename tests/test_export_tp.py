@@ -4,9 +4,6 @@ state dict, exported, and the export's logits match the TP=1 training-side model
 (The full checkpoint path, TP=2 + ZeRO-3 DeepSpeed checkpoints through `mesh-export --checkpoint`, is in
 tests/test_export_cli.py.)"""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from export_tp_worker import TP_CASES
 from mesh_megatron.config import ModelConfig
 from mesh_megatron.hf.export import export_model, load_export, reference_logits
 from mesh_megatron.tp_shards import merge_tp_state_dicts
+from conftest import run_torchrun
 
 HERE = Path(__file__).parent
 
@@ -24,10 +22,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def tp2_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2_export")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "export_tp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("export_tp_worker.py", out, nproc=2)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

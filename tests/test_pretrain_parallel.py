@@ -11,15 +11,13 @@ difference 4e-7.
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain_data import VOCAB, make_dataset
+from conftest import run_torchrun
 
 HERE = Path(__file__).parent
 STEPS = 6
@@ -58,12 +56,7 @@ def parallel_runs(tmp_path_factory, data_prefix):
     out = tmp_path_factory.mktemp("parallel")
     spec = out / "spec.json"
     spec.write_text(json.dumps({"base": base_config(data_prefix), "runs": RUNS}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           str(HERE / "pretrain_worker.py"), str(spec), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_torchrun("pretrain_worker.py", spec, out, nproc=4)
     return {name: json.loads((out / f"{name}.json").read_text()) for name in RUNS}
 
 

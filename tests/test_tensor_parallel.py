@@ -5,9 +5,6 @@ Tolerance (fp32): TP changes only the summation order of the split matmuls and o
 losses agree to 1e-5 absolute and gradients to 1e-4 relative to their largest entry.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 
 from mesh_megatron.tp_shards import merge_tp_state_dicts
 from tp_cases import CASES, run_case
+from conftest import run_torchrun
 
 HERE = Path(__file__).parent
 
@@ -22,10 +20,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def tp2_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "tp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("tp_worker.py", out, nproc=2)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
