@@ -120,6 +120,27 @@ class ShardWriter:
                 os.remove(p)
 
 
+def concatenate(prefixes: list[str], output_prefix: str, dtype) -> None:
+    """Append whole .bin/.idx pairs (megatron-core add_index) into output_prefix; temp names until complete."""
+    w = ShardWriter(output_prefix, dtype)
+    try:
+        for p in prefixes:
+            w.add_index(p)
+        w.commit()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def read_json_or_none(path: str):
+    """A JSON record of a previous run, or None if it is missing or unreadable (it is then simply redone)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def publish_pair(src_prefix: str, dst_prefix: str) -> None:
     """Move a finished src pair onto dst. The dst sidecar is dropped first (see module doc)."""
     if os.path.exists(meta_path(dst_prefix)):
@@ -279,12 +300,5 @@ def merge(prefixes: list[str], output_prefix: str, dtype=None) -> dict:
     dt = dtype or np.dtype(next(iter(dtypes.values()))).type
     t0 = time.time()
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    w = ShardWriter(output_prefix, dt)
-    try:
-        for p in prefixes:
-            w.add_index(p)
-        w.commit()
-    except BaseException:
-        w.abort()
-        raise
+    concatenate(prefixes, output_prefix, dt)
     return {"inputs": prefixes, "seconds": time.time() - t0}

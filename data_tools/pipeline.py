@@ -15,7 +15,6 @@ Design (see docs/data.md):
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shutil
 import sys
@@ -249,12 +248,7 @@ def tokenize_files(
     work = output_prefix + ".work"
     settings_file = os.path.join(work, "settings.json")
     if os.path.isdir(work):
-        try:
-            with open(settings_file) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != settings:
+        if indexed.read_json_or_none(settings_file) != settings:
             _say(f"{work}: left by a run with other settings; starting over", quiet)
             shutil.rmtree(work)
     os.makedirs(work, exist_ok=True)
@@ -266,11 +260,7 @@ def tokenize_files(
     for i, ident in enumerate(identities):
         marker = shard_prefix[i] + ".done.json"
         if os.path.exists(marker):
-            try:
-                with open(marker) as f:
-                    rec = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                rec = None
+            rec = indexed.read_json_or_none(marker)
             ok = rec is not None and rec.get("input") == ident and all(
                 os.path.exists(fn(shard_prefix[i])) for fn in (indexed.bin_path, indexed.idx_path)
             )
@@ -304,14 +294,7 @@ def tokenize_files(
     if len(files) == 1:
         indexed.publish_pair(shard_prefix[0], output_prefix)  # one shard: a rename, no copy
     else:
-        w = indexed.ShardWriter(output_prefix, dtype)  # temp names until commit
-        try:
-            for sp in shard_prefix:
-                w.add_index(sp)
-            w.commit()
-        except BaseException:
-            w.abort()
-            raise
+        indexed.concatenate(shard_prefix, output_prefix, dtype)  # temp names until complete
 
     wall = time.time() - t0
     summary = {

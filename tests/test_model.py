@@ -149,8 +149,9 @@ def test_activation_recompute_is_exact(single_process, recompute):
         torch.testing.assert_close(out[recompute][1][n], g, atol=0, rtol=0)
 
 
-def test_sequence_parallel_on_cpu_is_a_clear_error(single_process):
-    # TP=1 turns sequence parallelism off (nothing to split); TP>1 on CPU is refused with the reason (see model.py).
+def test_sequence_parallel_is_off_at_tp1(single_process):
+    # TP=1 turns sequence parallelism off (nothing to split). The TP=2 refusal on CPU is tested in
+    # test_tensor_parallel.py::test_sequence_parallel_refused_on_cpu_at_tp2.
     m = build(arch="mesh", sequence_parallel=True)
     assert not m.sequence_parallel
 

@@ -70,15 +70,20 @@ def plot_cka(results: list[dict], names: list[str], path: Path) -> Path:
             ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             if len(labels) <= 10:
-                for i in range(len(labels)):
-                    for j in range(len(labels)):
-                        if np.isfinite(m[i, j]):
-                            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                                    color="white" if m[i, j] < 0.6 else "black")
+                _annotate(ax, m, dark_below=0.6)
             ax.set_title((_title(r, name) + "\n" if row == 0 else "") + f"{kern} CKA", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.6)
     fig.suptitle("CKA between states (tokens as examples; per sample, averaged)", fontsize=10)
     return save_fig(fig, path)
+
+
+def _annotate(ax, m: np.ndarray, dark_below: float) -> None:
+    """Write each finite cell's value on a heatmap, white on the dark end of the colour map."""
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if m[i, j] < dark_below else "black")
 
 
 def plot_spectrum(results: list[dict], names: list[str], path: Path) -> Path:
@@ -118,10 +123,7 @@ def plot_routing(results: list[dict], names: list[str], path: Path) -> Path | No
             im = ax.imshow(m, vmin=0, vmax=1, cmap="magma", aspect="auto")
             ax.set_yticks(range(len(ro["step_labels"])), ro["step_labels"], fontsize=7)
             ax.set_xticks(range(ro["slots"]), [f"m{b}" for b in range(ro["slots"])], fontsize=7)
-            for i in range(m.shape[0]):
-                for j in range(m.shape[1]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if m[i, j] < 0.5 else "black")
+            _annotate(ax, m, dark_below=0.5)
             ax.set_title((_title(r, name) + "\n" if row == 0 else "") + f"mean {kind} weight", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.6)
     fig.suptitle("MeSH routing: mean softmax weight per step and slot", fontsize=10)
