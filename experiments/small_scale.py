@@ -4,11 +4,18 @@ residual heuristic) trained on the same real-text tokens with matched compute, t
 
     python experiments/small_scale.py --scale tiny                      # CPU sanity run (~8 min on 2 cores)
     python experiments/small_scale.py --scale small --seeds 1234 5678   # one GPU (see docs/results.md)
+    python experiments/small_scale.py --archs base mesh --sweep train.lr=1.5e-3,3e-3,6e-3 --jobs 2   # a sweep
 
 Per run it writes a trainer run config, trains with the project's trainer (`python -m pretrain`, i.e. mesh-pretrain;
 torchrun when launch.nproc_per_node > 1), resumes a half-finished run (--resume auto) and skips a finished one,
 probes the final checkpoint with `mesh-probe run`, then writes OUT/results.{json,md}, OUT/loss_curves.png and
 side-by-side probe figures in OUT/probe_compare/. Every output file is written atomically.
+
+Loss differences are reported per seed against the recursive base (same seed = same data order, same init stream,
+same validation tokens), i.e. as a paired comparison: mean +- std of the per-seed deltas, how many seeds the model
+won, and the paired t statistic. `--set KEY=VALUE` changes one entry of the scale config (`train.lr=6e-3`,
+`archs.mesh.router_init_std=0.002`); `--sweep KEY=V1,V2,..` trains the grid, one table per value. `--jobs N` runs N
+trainings at once (CPU: cores split between them; GPU: one device each).
 """
 
 from __future__ import annotations
@@ -128,7 +135,7 @@ def read_metrics(run_dir: Path) -> dict:
             "test": sorted(test.items())}
 
 
-def train_one(run_cfg: dict, run_dir: Path, nproc: int) -> None:
+def train_one(run_cfg: dict, run_dir: Path, nproc: int, env: dict | None = None) -> None:
     cfg_path = run_dir / "experiment_run.yaml"
     write_atomic(cfg_path, yaml.safe_dump(run_cfg, sort_keys=False))
     if nproc > 1:
@@ -140,14 +147,14 @@ def train_one(run_cfg: dict, run_dir: Path, nproc: int) -> None:
     print(f"[experiment] training {run_dir.name}: {' '.join(cmd)}  (log: {log})", flush=True)
     t0 = time.time()
     with open(log, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **_cpu_env()})
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or _cpu_env())})
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise ExperimentError(f"training {run_dir.name} failed (exit {rc}); last lines of {log}:\n{tail}")
     print(f"[experiment] {run_dir.name} trained in {time.time() - t0:.0f} s", flush=True)
 
 
-def probe_one(ckpt: Path, prefix: str, out_dir: Path, pcfg: dict, name: str) -> dict:
+def probe_one(ckpt: Path, prefix: str, out_dir: Path, pcfg: dict, name: str, env: dict | None = None) -> dict:
     done = out_dir / "probe.json"
     if done.is_file():  # already probed this very checkpoint: reuse (re-running the command is cheap)
         prev = json.loads(done.read_text())
@@ -159,7 +166,7 @@ def probe_one(ckpt: Path, prefix: str, out_dir: Path, pcfg: dict, name: str) -> 
     log = out_dir.parent / f"{out_dir.name}.log"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **_cpu_env()})
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or _cpu_env())})
     if rc != 0:
         raise ExperimentError(f"probing {ckpt} failed (exit {rc}); see {log}")
     return json.loads((out_dir / "probe.json").read_text())
@@ -190,17 +197,31 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
+def paired_vs(finals: dict[int, float], ref: dict[int, float]) -> dict | None:
+    """Per-seed loss differences against a reference model trained with the same seeds (same data order, same
+    validation tokens): the seed-to-seed spread that both models share cancels, which unpaired means cannot do."""
+    seeds = [s for s in finals if s in ref]
+    if not seeds:
+        return None
+    d = [finals[s] - ref[s] for s in seeds]
+    mean, std = _mean_std(d)
+    t = mean / (std / math.sqrt(len(d))) if len(d) > 1 and std > 0 else None
+    return {"seeds": seeds, "deltas": d, "mean": mean, "std": std, "wins": sum(x < 0 for x in d), "n": len(d), "t": t}
+
+
 def summarize(cfg: dict, archs: list[str], seeds: list[int], runs: dict, probes: dict) -> dict:
     rows = []
     t = cfg["train"]
     tokens = t["train_iters"] * t["global_batch_size"] * cfg["model"]["seq_length"]
+    final = {a: {s: runs[(a, s)]["valid"][-1][1] for s in seeds if runs[(a, s)]["valid"]} for a in archs}
     for arch in archs:
         costs = model_costs({"name": arch, **cfg["model"], **cfg["archs"][arch]})
-        finals = [runs[(arch, s)]["valid"][-1][1] for s in seeds if runs[(arch, s)]["valid"]]
+        finals = [final[arch][s] for s in seeds if s in final[arch]]
         mean, std = _mean_std(finals) if finals else (float("nan"), float("nan"))
         row = {"arch": arch, **costs, "train_tokens": tokens, "train_flops": costs["flops_per_token"] * tokens,
                "seeds": seeds, "valid_loss_per_seed": finals, "valid_loss": mean, "valid_loss_std": std,
-               "valid_ppl": math.exp(mean) if finals else float("nan")}
+               "valid_ppl": math.exp(mean) if finals else float("nan"),
+               "paired_vs_base": paired_vs(final[arch], final["base"]) if "base" in final and arch != "base" else None}
         pr = [probes[(arch, s)] for s in seeds if (arch, s) in probes]
         if pr:
             # consecutive states inside the network (not touching emb/out): h0->h1->..->hK, or L1->..->L(n-1)
@@ -216,18 +237,27 @@ def summarize(cfg: dict, archs: list[str], seeds: list[int], runs: dict, probes:
     return {"scale": cfg.get("scale"), "rows": rows}
 
 
-def results_markdown(summary: dict, cfg: dict, cmdline: str) -> str:
+def _paired_cell(p: dict | None) -> str:
+    if not p:
+        return "—"
+    if p["n"] == 1:
+        return f"{p['mean']:+.4f} (1 seed)"
+    t = f", t = {p['t']:+.1f}" if p["t"] is not None else ""
+    return f"{p['mean']:+.4f} ± {p['std']:.4f} ({p['wins']}/{p['n']} seeds lower{t})"
+
+
+def results_markdown(summary: dict, cfg: dict, cmdline: str, title: str | None = None) -> str:
     rows = summary["rows"]
-    base = next((r["valid_loss"] for r in rows if r["arch"] == "base"), None)
-    lines = [f"# Small-scale experiment: scale `{summary['scale']}`", "", f"Command: `{cmdline}`", "",
-             "| model | layout | params | non-emb params | train FLOPs/token | train tokens | train FLOPs | valid loss | valid ppl | Δ loss vs base |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"# Small-scale experiment: scale `{summary['scale']}`" if title is None else f"## {title}", "",
+             f"Command: `{cmdline}`", "",
+             "| model | layout | params | non-emb params | train FLOPs/token | train tokens | train FLOPs | valid loss | valid ppl | Δ loss vs base, paired by seed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         vl = f"{r['valid_loss']:.4f}" + (f" ± {r['valid_loss_std']:.4f}" if len(r["valid_loss_per_seed"]) > 1 else "")
-        d = f"{r['valid_loss'] - base:+.4f}" if base is not None and r["arch"] != "base" else "—"
         lines.append(f"| {r['arch']} | {r['layout']} | {r['params']:,} | {r['non_embedding']:,} | {r['flops_per_token']:.3e} | "
-                     f"{r['train_tokens']:,} | {r['train_flops']:.3e} | {vl} | {r['valid_ppl']:.2f} | {d} |")
-    lines += ["", f"Valid loss: the trainer's final validation (mean over seeds {rows[0]['seeds']}, ± sample std when > 1 seed).", "",
+                     f"{r['train_tokens']:,} | {r['train_flops']:.3e} | {vl} | {r['valid_ppl']:.2f} | {_paired_cell(r.get('paired_vs_base'))} |")
+    lines += ["", f"Valid loss: the trainer's final validation (mean over seeds {rows[0]['seeds']}, ± sample std when > 1 seed). "
+              "Δ vs base: mean ± std of the per-seed differences, seeds where the model's loss is lower, paired t.", "",
               "Probe (final checkpoints; mean over seeds):", "",
               "| model | RBF CKA, consecutive inner states (h0→h1→h2; vanilla: layers) | skew per block | effective rank per state |", "|---|---:|---|---|"]
     for r in rows:
@@ -281,6 +311,77 @@ def plot_curves(archs, seeds, runs, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def set_dotted(cfg: dict, assignment: str, source: str) -> tuple[str, object]:
+    """KEY=VALUE into the scale config; VALUE parsed as YAML ('6e-3' -> 0.006, 'true', '[a, b]')."""
+    key, sep, raw = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or not all(parts):
+        raise ExperimentError(f"{source} {assignment!r}: expected KEY=VALUE with a dotted KEY, e.g. train.lr=6e-3")
+    if parts[0] not in SECTIONS:
+        raise ExperimentError(f"{source} {key}: '{parts[0]}' is not a scale config section; valid: {sorted(SECTIONS)}")
+    if parts[0] == "archs" and (len(parts) < 3 or parts[1] not in cfg["archs"]):
+        raise ExperimentError(f"{source} {key}: expected archs.<arch>.<field> with <arch> one of {sorted(cfg['archs'])}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads '6e-3' (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    node = cfg
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+    return key, value
+
+
+def validate_runs(cfg: dict, archs: list[str], where: str) -> None:
+    """Build every run config the way the trainer will, so a typo fails now rather than after hours of training."""
+    from mesh_megatron.config import ConfigError
+    from pretrain.config import build_run_config
+
+    for arch in archs:
+        try:
+            build_run_config(run_config(cfg, arch, 0, Path("/nonexistent"), "data/x", "disabled"), source=f"{where}, arch {arch}")
+        except ConfigError as e:
+            raise ExperimentError(str(e)) from None
+
+
+def variants(cfg: dict, sweep: str | None) -> list[tuple[str, dict]]:
+    """[(label, scale config)]: one per --sweep value (label 'key=value', run dirs suffixed), or the config itself."""
+    import copy
+
+    if not sweep:
+        return [("", cfg)]
+    key, sep, vals = sweep.partition("=")
+    values = [v for v in vals.split(",") if v.strip()]
+    if not sep or not values:
+        raise ExperimentError(f"--sweep {sweep!r}: expected KEY=V1,V2,.. e.g. train.lr=1.5e-3,3e-3,6e-3")
+    out = []
+    for v in values:
+        c = copy.deepcopy(cfg)
+        set_dotted(c, f"{key}={v}", "--sweep")
+        out.append((f"{key.split('.')[-1]}={v.strip()}", c))
+    return out
+
+
+def _job_env(slot: int, jobs: int) -> dict:
+    """Per concurrent run: its share of the CPU cores, or its own GPU."""
+    env = _cpu_env()
+    if jobs > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
+        else:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default="tiny", help="tiny (CPU), small (one GPU), or a path to a scale YAML "
@@ -291,11 +392,47 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output directory (default runs/small_scale/<scale>)")
     ap.add_argument("--data", default=None, help="an existing .bin/.idx prefix to train on instead of tokenizing")
     ap.add_argument("--train-iters", type=int, default=None, help="override train.train_iters (e.g. a quicker check)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one scale-config entry, e.g. train.lr=6e-3 or archs.mesh.router_init_std=0.002 "
+                         "(repeatable; VALUE is YAML)")
+    ap.add_argument("--sweep", default=None, metavar="KEY=V1,V2,..",
+                    help="train every model at each value of one scale-config entry; run dirs and tables per value")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (default 1). CPU: the cores are split "
+                    "between them (OMP_NUM_THREADS); GPU: one device each. Small CPU models train faster this way")
     ap.add_argument("--nproc", type=int, default=None, help="processes per run (torchrun when > 1; default launch.nproc_per_node)")
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"], help="wandb mode for the runs")
     ap.add_argument("--force", action="store_true", help="retrain runs that already finished (deletes their run dirs)")
     ap.add_argument("--no-probe", action="store_true", help="skip the probing step")
     return ap
+
+
+def run_and_probe(cfg: dict, arch: str, seed: int, run_dir: Path, probe_dir: Path | None, prefix: str, args,
+                  nproc: int, env: dict) -> tuple[dict, dict | None]:
+    """Train (or skip / resume) one model and probe its final checkpoint."""
+    done = run_dir / "experiment_done.json"
+    rc = run_config(cfg, arch, seed, run_dir, prefix, args.wandb)
+    if args.force and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    if done.is_file() and json.loads(done.read_text()).get("run_config") == rc:
+        print(f"[experiment] {run_dir.name}: already trained, skipping", flush=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        train_one(rc, run_dir, nproc, env)
+        last = latest_checkpoint(run_dir)
+        if last is None or int(last.name.split("_")[1]) != rc["train"]["train_iters"]:
+            # the trainer exits 0 after a SIGTERM/SIGUSR1 stop too: that run is not finished
+            raise ExperimentError(f"{run_dir.name} stopped before step {rc['train']['train_iters']} "
+                                  f"(latest checkpoint {last}); repeat the command to resume it")
+        write_atomic(done, json.dumps({"run_config": rc}, indent=1))
+    metrics = read_metrics(run_dir)
+    if probe_dir is None:
+        return metrics, None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ExperimentError(f"{run_dir}: no complete checkpoint to probe")
+    return metrics, probe_one(ckpt, prefix, probe_dir, cfg.get("probe", {}), arch, env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,52 +443,83 @@ def main(argv: list[str] | None = None) -> int:
         bad = [a for a in archs if a not in cfg["archs"]]
         if bad:
             raise ExperimentError(f"--archs {bad}: not in {cfg_path}'s archs: {sorted(cfg['archs'])}")
+        if args.jobs < 1:
+            raise ExperimentError(f"--jobs {args.jobs}: must be >= 1")
         seeds = args.seeds or cfg.get("seeds") or [1234]
         if args.train_iters:
             cfg["train"]["train_iters"] = args.train_iters
+        for a in args.set:
+            set_dotted(cfg, a, "--set")
+        grid = variants(cfg, args.sweep)
+        for label, c in grid:
+            validate_runs(c, archs, f"{cfg_path}" + (f" with {label}" if label else ""))
         out = Path(args.out or REPO / "runs" / "small_scale" / str(cfg.get("scale", cfg_path.stem)))
         out.mkdir(parents=True, exist_ok=True)
         nproc = args.nproc or int(cfg.get("launch", {}).get("nproc_per_node", 1))
         prefix = ensure_data(cfg, out, args.data)
-        runs, probes = {}, {}
-        for seed in seeds:
-            for arch in archs:
-                run_dir = out / "runs" / f"{arch}-s{seed}"
-                done = run_dir / "experiment_done.json"
-                rc = run_config(cfg, arch, seed, run_dir, prefix, args.wandb)
-                if args.force and run_dir.exists():
-                    import shutil
 
-                    shutil.rmtree(run_dir)
-                if done.is_file() and json.loads(done.read_text()).get("run_config") == rc:
-                    print(f"[experiment] {run_dir.name}: already trained, skipping", flush=True)
-                else:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    train_one(rc, run_dir, nproc)
-                    last = latest_checkpoint(run_dir)
-                    if last is None or int(last.name.split("_")[1]) != rc["train"]["train_iters"]:
-                        # the trainer exits 0 after a SIGTERM/SIGUSR1 stop too: that run is not finished
-                        raise ExperimentError(f"{run_dir.name} stopped before step {rc['train']['train_iters']} "
-                                              f"(latest checkpoint {last}); repeat the command to resume it")
-                    write_atomic(done, json.dumps({"run_config": rc}, indent=1))
-                runs[(arch, seed)] = read_metrics(run_dir)
-                if not args.no_probe:
-                    ckpt = latest_checkpoint(run_dir)
-                    if ckpt is None:
-                        raise ExperimentError(f"{run_dir}: no complete checkpoint to probe")
-                    probes[(arch, seed)] = probe_one(ckpt, prefix, out / "probe" / f"{arch}-s{seed}", cfg.get("probe", {}), arch)
-        summary = summarize(cfg, archs, seeds, runs, probes)
-        summary["curves"] = {f"{a}-s{s}": runs[(a, s)] for a in archs for s in seeds}
+        cfg_of = dict(grid)
+        tasks = [(label, arch, seed) for label, _ in grid for seed in seeds for arch in archs]
+        names = {t: f"{t[1]}{'-' + t[0].replace('=', '') if t[0] else ''}-s{t[2]}" for t in tasks}
+        results, errors = {}, []
+
+        def work(task, slot):
+            label, arch, seed = task
+            c = cfg_of[label]
+            probe_dir = None if args.no_probe else out / "probe" / names[task]
+            results[task] = run_and_probe(c, arch, seed, out / "runs" / names[task], probe_dir, prefix, args, nproc,
+                                          _job_env(slot, args.jobs))
+
+        if args.jobs == 1:
+            for t in tasks:
+                work(t, 0)
+        else:
+            import queue
+            from concurrent.futures import ThreadPoolExecutor
+
+            slots: queue.Queue = queue.Queue()
+            for i in range(args.jobs):
+                slots.put(i)
+
+            def in_slot(task):
+                slot = slots.get()
+                try:
+                    work(task, slot)
+                except ExperimentError as e:
+                    errors.append(str(e))
+                finally:
+                    slots.put(slot)
+
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(in_slot, tasks))
+            if errors:
+                raise ExperimentError(f"{len(errors)} of {len(tasks)} runs failed:\n" + "\n".join(errors))
+
         cmdline = "python experiments/small_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_atomic(out / "results.json", json.dumps(summary, indent=1))
-        write_atomic(out / "results.md", results_markdown(summary, cfg, cmdline))
-        plot_curves(archs, seeds, runs, out / "loss_curves.png")
-        if probes:
-            from mesh_megatron.probe.plots import plot_all
+        summaries, md = [], []
+        for label, c in grid:
+            runs = {(a, s): results[(label, a, s)][0] for a in archs for s in seeds}
+            probes = {(a, s): results[(label, a, s)][1] for a in archs for s in seeds if results[(label, a, s)][1]}
+            summary = summarize(c, archs, seeds, runs, probes)
+            summary["variant"] = label or None
+            summary["curves"] = {f"{a}-s{s}": runs[(a, s)] for a in archs for s in seeds}
+            summaries.append(summary)
+            suffix = f"-{label.replace('=', '')}" if label else ""
+            md.append(results_markdown(summary, c, cmdline, title=label or None))
+            plot_curves(archs, seeds, runs, out / f"loss_curves{suffix}.png")
+            if probes:
+                from mesh_megatron.probe.plots import plot_all
 
-            plot_all([probes[(a, seeds[0])] for a in archs], archs, out / "probe_compare")
+                plot_all([probes[(a, seeds[0])] for a in archs], archs, out / f"probe_compare{suffix}")
+        if len(grid) == 1:
+            result = summaries[0]
+        else:
+            result = {"scale": cfg.get("scale"), "sweep": args.sweep, "variants": summaries}
+            md.insert(0, f"# Small-scale experiment: scale `{cfg.get('scale')}`, sweep `{args.sweep}`\n")
+        write_atomic(out / "results.json", json.dumps(result, indent=1))
+        write_atomic(out / "results.md", "\n".join(md))
         print((out / "results.md").read_text())
-        print(f"[experiment] wrote {out / 'results.md'}, results.json, loss_curves.png, probe_compare/*.png", flush=True)
+        print(f"[experiment] wrote {out / 'results.md'}, results.json, loss_curves*.png, probe_compare*/*.png", flush=True)
     except ExperimentError as e:
         print(f"small_scale: error: {e}", file=sys.stderr)
         return 2

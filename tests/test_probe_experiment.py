@@ -57,3 +57,62 @@ def test_unknown_scale_and_arch_are_clear_errors(exp, capsys):
     assert "known scales" in capsys.readouterr().err
     assert exp.main(["--scale", "tiny", "--archs", "meshh"]) == 2
     assert "not in" in capsys.readouterr().err
+
+
+def test_paired_differences_against_base(exp):
+    p = exp.paired_vs({1: 5.0, 2: 5.1, 3: 4.9}, {1: 5.1, 2: 5.1, 3: 5.0, 4: 9.9})
+    assert p["seeds"] == [1, 2, 3] and p["n"] == 3 and p["wins"] == 2
+    assert p["deltas"] == pytest.approx([-0.1, 0.0, -0.1]) and p["mean"] == pytest.approx(-0.2 / 3)
+    assert p["std"] == pytest.approx((0.01 / 3) ** 0.5)  # sample std of (-0.1, 0, -0.1)
+    assert p["t"] == pytest.approx(p["mean"] / (p["std"] / 3 ** 0.5))
+    assert exp.paired_vs({1: 5.0}, {2: 5.0}) is None  # no common seed: nothing to pair
+    assert exp._paired_cell(p).startswith("-0.0667 ± 0.0577 (2/3 seeds lower, t = -2.0)")
+
+
+def test_set_and_sweep_edit_the_scale_config(exp):
+    cfg, _ = exp.load_scale("tiny")
+    assert exp.set_dotted(cfg, "archs.mesh.router_init_std=2e-3", "--set") == ("archs.mesh.router_init_std", 0.002)
+    assert cfg["archs"]["mesh"]["router_init_std"] == 0.002 and "router_init_std" not in cfg["archs"]["base"]
+    grid = exp.variants(cfg, "train.lr=1.5e-3,6e-3")
+    assert [label for label, _ in grid] == ["lr=1.5e-3", "lr=6e-3"]
+    assert [c["train"]["lr"] for _, c in grid] == [0.0015, 0.006] and cfg["train"]["lr"] == 3.0e-3  # copies
+    assert exp.variants(cfg, None) == [("", cfg)]
+    for bad, msg in [("train.lr", "KEY=VALUE"), ("optim.lr=1", "not a scale config section"),
+                     ("archs.meshh.x=1", "archs.<arch>.<field>"), ("train..lr=1", "KEY=VALUE")]:
+        with pytest.raises(exp.ExperimentError, match=msg.replace(".", r"\.").replace("<", ".").replace(">", ".")):
+            exp.set_dotted(cfg, bad, "--set")
+    with pytest.raises(exp.ExperimentError, match="expected KEY=V1,V2"):
+        exp.variants(cfg, "train.lr=")
+    # a typo in a trainer key is caught before any training, with the closest valid key
+    cfg["train"]["lrr"] = 1
+    with pytest.raises(exp.ExperimentError, match="did you mean 'lr'"):
+        exp.validate_runs(cfg, ["base"], "tiny")
+
+
+def test_sweep_with_concurrent_jobs_trains_probes_and_resumes(exp, tmp_path, capsys):
+    """End to end through the real trainer and mesh-probe: 2 models x 2 learning rates, 2 runs at a time."""
+    from pretrain_data import make_dataset
+
+    prefix = make_dataset(tmp_path / "data" / "bigram", n_docs=400)
+    args = ["--scale", "tiny", "--data", prefix, "--out", str(tmp_path / "out"), "--archs", "base", "mesh",
+            "--seeds", "1", "--train-iters", "4", "--set", "train.eval_iters=2", "--set", "train.eval_interval=2",
+            "--set", "train.log_interval=1", "--set", "probe.num_sequences=4", "--sweep", "train.lr=3e-3,6e-3",
+            "--jobs", "2"]
+    assert exp.main(args) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base-lr3e-3-s1", "base-lr6e-3-s1", "mesh-lr3e-3-s1", "mesh-lr6e-3-s1"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["sweep"] == "train.lr=3e-3,6e-3" and [v["variant"] for v in res["variants"]] == ["lr=3e-3", "lr=6e-3"]
+    for v in res["variants"]:
+        base, mesh = v["rows"]
+        assert base["paired_vs_base"] is None and mesh["paired_vs_base"]["n"] == 1
+        assert mesh["paired_vs_base"]["mean"] == pytest.approx(mesh["valid_loss"] - base["valid_loss"])
+        assert "probe" in mesh and len(mesh["probe"]["skew"]) == 4
+    # the two learning rates really trained differently
+    assert res["variants"][0]["rows"][0]["valid_loss"] != res["variants"][1]["rows"][0]["valid_loss"]
+    for name in ("loss_curves-lr3e-3.png", "loss_curves-lr6e-3.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "results.md").read_text().count("| mesh | 1+2R2+1 |") == 2
+    capsys.readouterr()
+    assert exp.main(args) == 0  # repeated command: every run is already trained and probed
+    assert capsys.readouterr().out.count("already trained, skipping") == 4
