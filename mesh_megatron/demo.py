@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mesh_megatron.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="run directory (default runs/demo)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: configs/demo.yaml, 300)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.train_iters of configs/demo.yaml, 600)")
     ap.add_argument("--workers", type=int, default=2, help="tokenizer worker processes (default 2)")
     ap.add_argument("--resume", default="none", help="'auto' continues a previous demo run from its last checkpoint")
     args = ap.parse_args(argv)
