@@ -369,6 +369,13 @@ def variants(cfg: dict, sweep: str | None) -> list[tuple[str, dict]]:
     return out
 
 
+def run_name(cfg: dict, variant: dict, label: str, arch: str, seed: int) -> str:
+    """`arch-sSEED`, with the sweep value inserted only when it changes this model's run: a sweep of
+    archs.mesh.router_init_std leaves `base-s1` as it is, so the main comparison's run is reused, not retrained."""
+    same = run_config(cfg, arch, seed, Path("."), "", "disabled") == run_config(variant, arch, seed, Path("."), "", "disabled")
+    return f"{arch}-s{seed}" if not label or same else f"{arch}-{label.replace('=', '')}-s{seed}"
+
+
 def _job_env(slot: int, jobs: int) -> dict:
     """Per concurrent run: its share of the CPU cores, or its own GPU."""
     env = _cpu_env()
@@ -408,7 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_and_probe(cfg: dict, arch: str, seed: int, run_dir: Path, probe_dir: Path | None, prefix: str, args,
                   nproc: int, env: dict) -> tuple[dict, dict | None]:
-    """Train (or skip / resume) one model and probe its final checkpoint."""
+    """Train (or skip / resume) one model and probe its final checkpoint, holding the run's lock: two invocations
+    sharing OUT (a sweep beside the main comparison) wait for each other's runs instead of training them twice."""
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[experiment] {run_dir.name}: another invocation is running it; waiting", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run_and_probe_locked(cfg, arch, seed, run_dir, probe_dir, prefix, args, nproc, env)
+
+
+def _run_and_probe_locked(cfg: dict, arch: str, seed: int, run_dir: Path, probe_dir: Path | None, prefix: str, args,
+                          nproc: int, env: dict) -> tuple[dict, dict | None]:
     done = run_dir / "experiment_done.json"
     rc = run_config(cfg, arch, seed, run_dir, prefix, args.wandb)
     if args.force and run_dir.exists():
@@ -460,7 +482,11 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg_of = dict(grid)
         tasks = [(label, arch, seed) for label, _ in grid for seed in seeds for arch in archs]
-        names = {t: f"{t[1]}{'-' + t[0].replace('=', '') if t[0] else ''}-s{t[2]}" for t in tasks}
+        names = {t: run_name(cfg, cfg_of[t[0]], *t) for t in tasks}
+        unique: dict[str, tuple] = {}  # a sweep that leaves some models unchanged trains each of those once
+        for t in tasks:
+            unique.setdefault(names[t], t)
+        tasks = list(unique.values())
         results, errors = {}, []
 
         def work(task, slot):
@@ -498,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         cmdline = "python experiments/small_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
         summaries, md = [], []
         for label, c in grid:
-            runs = {(a, s): results[(label, a, s)][0] for a in archs for s in seeds}
-            probes = {(a, s): results[(label, a, s)][1] for a in archs for s in seeds if results[(label, a, s)][1]}
+            by_name = {names[t]: r for t, r in results.items()}
+            res = {(a, s): by_name[run_name(cfg, c, label, a, s)] for a in archs for s in seeds}
+            runs = {k: v[0] for k, v in res.items()}
+            probes = {k: v[1] for k, v in res.items() if v[1]}
             summary = summarize(c, archs, seeds, runs, probes)
             summary["variant"] = label or None
             summary["curves"] = {f"{a}-s{s}": runs[(a, s)] for a in archs for s in seeds}
@@ -516,10 +544,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = {"scale": cfg.get("scale"), "sweep": args.sweep, "variants": summaries}
             md.insert(0, f"# Small-scale experiment: scale `{cfg.get('scale')}`, sweep `{args.sweep}`\n")
-        write_atomic(out / "results.json", json.dumps(result, indent=1))
-        write_atomic(out / "results.md", "\n".join(md))
-        print((out / "results.md").read_text())
-        print(f"[experiment] wrote {out / 'results.md'}, results.json, loss_curves*.png, probe_compare*/*.png", flush=True)
+        # a sweep writes results-<key>.{json,md}, so it can share OUT (and the unchanged runs) with the main comparison
+        stem = f"results-{args.sweep.partition('=')[0].split('.')[-1]}" if args.sweep else "results"
+        write_atomic(out / f"{stem}.json", json.dumps(result, indent=1))
+        write_atomic(out / f"{stem}.md", "\n".join(md))
+        print((out / f"{stem}.md").read_text())
+        print(f"[experiment] wrote {out / stem}.md, {stem}.json, loss_curves*.png, probe_compare*/*.png", flush=True)
     except ExperimentError as e:
         print(f"small_scale: error: {e}", file=sys.stderr)
         return 2

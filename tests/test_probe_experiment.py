@@ -77,6 +77,11 @@ def test_set_and_sweep_edit_the_scale_config(exp):
     assert [label for label, _ in grid] == ["lr=1.5e-3", "lr=6e-3"]
     assert [c["train"]["lr"] for _, c in grid] == [0.0015, 0.006] and cfg["train"]["lr"] == 3.0e-3  # copies
     assert exp.variants(cfg, None) == [("", cfg)]
+    # run names carry the sweep value only for the models it changes: an unchanged base run is shared
+    (label, c), = exp.variants(cfg, "archs.mesh.mesh_slots=6")
+    assert exp.run_name(cfg, c, label, "base", 1) == "base-s1"
+    assert exp.run_name(cfg, c, label, "mesh", 1) == "mesh-mesh_slots6-s1"
+    assert exp.run_name(cfg, cfg, "", "mesh", 1) == "mesh-s1"
     for bad, msg in [("train.lr", "KEY=VALUE"), ("optim.lr=1", "not a scale config section"),
                      ("archs.meshh.x=1", "archs.<arch>.<field>"), ("train..lr=1", "KEY=VALUE")]:
         with pytest.raises(exp.ExperimentError, match=msg.replace(".", r"\.").replace("<", ".").replace(">", ".")):
@@ -100,8 +105,10 @@ def test_sweep_with_concurrent_jobs_trains_probes_and_resumes(exp, tmp_path, cap
             "--jobs", "2"]
     assert exp.main(args) == 0
     out = tmp_path / "out"
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base-lr3e-3-s1", "base-lr6e-3-s1", "mesh-lr3e-3-s1", "mesh-lr6e-3-s1"]
-    res = json.loads((out / "results.json").read_text())
+    # lr=3e-3 is the tiny scale's own learning rate: those runs are the plain base-s1 / mesh-s1, shared with a
+    # comparison run without --sweep in the same OUT
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base-lr6e-3-s1", "base-s1", "mesh-lr6e-3-s1", "mesh-s1"]
+    res = json.loads((out / "results-lr.json").read_text())
     assert res["sweep"] == "train.lr=3e-3,6e-3" and [v["variant"] for v in res["variants"]] == ["lr=3e-3", "lr=6e-3"]
     for v in res["variants"]:
         base, mesh = v["rows"]
@@ -112,7 +119,36 @@ def test_sweep_with_concurrent_jobs_trains_probes_and_resumes(exp, tmp_path, cap
     assert res["variants"][0]["rows"][0]["valid_loss"] != res["variants"][1]["rows"][0]["valid_loss"]
     for name in ("loss_curves-lr3e-3.png", "loss_curves-lr6e-3.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert (out / "results.md").read_text().count("| mesh | 1+2R2+1 |") == 2
+    assert (out / "results-lr.md").read_text().count("| mesh | 1+2R2+1 |") == 2
     capsys.readouterr()
     assert exp.main(args) == 0  # repeated command: every run is already trained and probed
     assert capsys.readouterr().out.count("already trained, skipping") == 4
+
+
+def test_a_run_locked_by_another_invocation_is_waited_for(exp, tmp_path, capsys):
+    """Two invocations sharing OUT: the second waits for the run the first holds, then finds it finished."""
+    import fcntl
+    import threading
+    import time
+
+    cfg, _ = exp.load_scale("tiny")
+    run_dir = tmp_path / "runs" / "base-s1"
+    run_dir.mkdir(parents=True)
+    rc = exp.run_config(cfg, "base", 1, run_dir, "data/x", "disabled")
+    (run_dir / "metrics.jsonl").write_text('{"event": "eval", "step": 4, "valid/loss": 6.5}\n')
+    lock = open(tmp_path / "runs" / ".base-s1.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    got = {}
+
+    class Args:
+        force, wandb = False, "disabled"
+
+    t = threading.Thread(target=lambda: got.update(r=exp.run_and_probe(cfg, "base", 1, run_dir, None, "data/x", Args, 1, {})))
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive() and "another invocation is running it; waiting" in capsys.readouterr().out
+    (run_dir / "experiment_done.json").write_text(json.dumps({"run_config": rc}))  # the holder finishes the run
+    lock.close()  # ... and releases it
+    t.join(timeout=30)
+    assert not t.is_alive() and got["r"][0]["valid"] == [(4, 6.5)] and got["r"][1] is None
+    assert "already trained, skipping" in capsys.readouterr().out
