@@ -369,6 +369,12 @@ def variants(cfg: dict, sweep: str | None) -> list[tuple[str, dict]]:
     return out
 
 
+def _dotted_diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in _dotted_diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
 def run_name(cfg: dict, variant: dict, label: str, arch: str, seed: int) -> str:
     """`arch-sSEED`, with the sweep value inserted only when it changes this model's run: a sweep of
     archs.mesh.router_init_std leaves `base-s1` as it is, so the main comparison's run is reused, not retrained."""
@@ -408,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "between them (OMP_NUM_THREADS); GPU: one device each. Small CPU models train faster this way")
     ap.add_argument("--nproc", type=int, default=None, help="processes per run (torchrun when > 1; default launch.nproc_per_node)")
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"], help="wandb mode for the runs")
-    ap.add_argument("--force", action="store_true", help="retrain runs that already finished (deletes their run dirs)")
+    ap.add_argument("--force", action="store_true", help="retrain runs that already finished (deletes their run dirs). A finished run "
+                    "is otherwise never replaced: other settings in the same --out are an error")
     ap.add_argument("--no-probe", action="store_true", help="skip the probing step")
     return ap
 
@@ -437,8 +444,14 @@ def _run_and_probe_locked(cfg: dict, arch: str, seed: int, run_dir: Path, probe_
         import shutil
 
         shutil.rmtree(run_dir)
-    if done.is_file() and json.loads(done.read_text()).get("run_config") == rc:
+    prev = json.loads(done.read_text()).get("run_config") if done.is_file() else None
+    if prev == rc:
         print(f"[experiment] {run_dir.name}: already trained, skipping", flush=True)
+    elif prev is not None:
+        # never overwrite a finished run silently (e.g. a --set that changes a model in an OUT shared with others)
+        diff = sorted(_dotted_diff(prev, rc))
+        raise ExperimentError(f"{run_dir} was trained with different settings ({', '.join(diff)}); "
+                              "use another --out, or --force to retrain it")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         train_one(rc, run_dir, nproc, env)

@@ -152,3 +152,18 @@ def test_a_run_locked_by_another_invocation_is_waited_for(exp, tmp_path, capsys)
     t.join(timeout=30)
     assert not t.is_alive() and got["r"][0]["valid"] == [(4, 6.5)] and got["r"][1] is None
     assert "already trained, skipping" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_never_overwritten_by_other_settings(exp, tmp_path):
+    cfg, _ = exp.load_scale("tiny")
+    run_dir = tmp_path / "runs" / "base-s1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "experiment_done.json").write_text(json.dumps({"run_config": exp.run_config(cfg, "base", 1, run_dir, "d", "disabled")}))
+    exp.set_dotted(cfg, "train.lr=6e-3", "--set")
+
+    class Args:
+        force, wandb = False, "disabled"
+
+    with pytest.raises(exp.ExperimentError, match=r"different settings \(train\.lr: 0\.003 -> 0\.006\).*--force"):
+        exp.run_and_probe(cfg, "base", 1, run_dir, None, "d", Args, 1, {})
+    assert (run_dir / "experiment_done.json").is_file()
