@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 from mesh_megatron.probe.plots import plot_all
 
                 plot_all([probes[(a, seeds[0])] for a in archs], archs, out / f"probe_compare{suffix}")
-        if len(grid) == 1:
+        if not args.sweep:
             result = summaries[0]
         else:
             result = {"scale": cfg.get("scale"), "sweep": args.sweep, "variants": summaries}
