@@ -147,7 +147,7 @@ def train_one(run_cfg: dict, run_dir: Path, nproc: int, env: dict | None = None)
     print(f"[experiment] training {run_dir.name}: {' '.join(cmd)}  (log: {log})", flush=True)
     t0 = time.time()
     with open(log, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or _cpu_env())})
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env(env))
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise ExperimentError(f"training {run_dir.name} failed (exit {rc}); last lines of {log}:\n{tail}")
@@ -166,10 +166,16 @@ def probe_one(ckpt: Path, prefix: str, out_dir: Path, pcfg: dict, name: str, env
     log = out_dir.parent / f"{out_dir.name}.log"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or _cpu_env())})
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env(env))
     if rc != 0:
         raise ExperimentError(f"probing {ckpt} failed (exit {rc}); see {log}")
     return json.loads((out_dir / "probe.json").read_text())
+
+
+def _child_env(env: dict | None) -> dict:
+    """os.environ with the run's additions; a None value removes the variable."""
+    full = {**os.environ, **(env or _cpu_env())}
+    return {k: v for k, v in full.items() if v is not None}
 
 
 def _cpu_env() -> dict:
@@ -388,6 +394,9 @@ def _job_env(slot: int, jobs: int) -> dict:
     if jobs > 1:
         import torch
 
+        # concurrent single-process runs must not share a rendezvous port: drop inherited launcher variables, so
+        # each run forms its own one-process group on a free port
+        env.update(dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")))
         if torch.cuda.is_available():
             env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
         else:

@@ -107,7 +107,7 @@ def test_sweep_with_concurrent_jobs_trains_probes_and_resumes(exp, tmp_path, cap
     out = tmp_path / "out"
     # lr=3e-3 is the tiny scale's own learning rate: those runs are the plain base-s1 / mesh-s1, shared with a
     # comparison run without --sweep in the same OUT
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base-lr6e-3-s1", "base-s1", "mesh-lr6e-3-s1", "mesh-s1"]
+    assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == ["base-lr6e-3-s1", "base-s1", "mesh-lr6e-3-s1", "mesh-s1"]
     res = json.loads((out / "results-lr.json").read_text())
     assert res["sweep"] == "train.lr=3e-3,6e-3" and [v["variant"] for v in res["variants"]] == ["lr=3e-3", "lr=6e-3"]
     for v in res["variants"]:
