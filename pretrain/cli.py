@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from mesh_megatron.config import ConfigError
@@ -101,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(cfg)
+        # From here the process only tears down: a late or repeated SIGTERM/SIGUSR1 (one rank's copy of a preemption
+        # signal can arrive after the others stopped the run) must not turn a checkpointed stop into a kill. Python
+        # resets its own handlers to the default action during interpreter shutdown, so ignore them instead.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
     except ConfigError as e:
         print(f"mesh-pretrain: error: {e}", file=sys.stderr)
         return 2

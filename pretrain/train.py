@@ -238,6 +238,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     evals: list[dict] = []
     last_ckpt: Path | None = resume_from
     stopped_by: str | None = None
+    signalled = False
     step_times: list[float] = []
 
     def do_save() -> Path:
@@ -322,7 +323,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             out_of_time = cfg.checkpoint.max_minutes is not None and (time.time() - started) > 60 * cfg.checkpoint.max_minutes
             exit_now = t.exit_at_step is not None and state.step >= t.exit_at_step
             if pd.any_rank(stop.signal is not None or out_of_time or exit_now):
-                stopped_by = stop.signal or ("time limit" if out_of_time else f"exit_at_step {t.exit_at_step}")
+                # Launchers deliver a signal to each rank separately (srun via every node's slurmstepd), so another
+                # rank may have stopped us before ours arrives: it is still on its way, and must not kill us.
+                signalled = stop.signal is not None or not (out_of_time or exit_now)
+                stopped_by = stop.signal or ("time limit" if out_of_time else f"exit_at_step {t.exit_at_step}"
+                                             if exit_now else "a signal to another rank")
                 last_ckpt = do_save()
                 if is_main:
                     metrics.log({"event": "stop", "step": state.step, "reason": stopped_by},
@@ -337,9 +342,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             if cfg.checkpoint.save_at_end and (last_ckpt is None or last_ckpt.name != ckpt.tag_for(state.step)):
                 last_ckpt = do_save()
     finally:
-        # After a signal-triggered stop keep our handler: launchers (srun, torchrun) may repeat the signal while
-        # this process exits, and the default action would turn a clean, checkpointed stop into a kill.
-        if stopped_by is None or stop.signal is None:
+        # After a signal-triggered stop (on any rank) keep our handler: the signal may still be on its way to this
+        # rank, or be repeated by the launcher (srun, torchrun), and the default action would turn a clean,
+        # checkpointed stop into a kill. (The CLI then ignores these signals for the rest of its exit.)
+        if not signalled:
             stop.restore()
         metrics.close()
 

@@ -163,7 +163,8 @@ def test_pretrain_trains_checkpoints_requeues_and_resumes(cluster):
     assert _run(["scancel", "--batch", "--signal=USR1", first], 30, env=env).returncode == 0
     info1 = wait_job(env, first, 400)
     text1 = log1.read_text()
-    assert info1["JobState"] == "COMPLETED" and info1["ExitCode"] == "0:0", (info1, text1)
+    # a str message (not a tuple) so pytest prints the whole job log instead of a truncated repr
+    assert info1["JobState"] == "COMPLETED" and info1["ExitCode"] == "0:0", f"{info1}\n{text1}"
     assert info1["Restarts"] == "1", f"job 1 should have requeued itself once: {info1}\n{text1}"
     assert "SIGUSR1" in text1 and "requeueing job" in text1 and "restart=1" in text1
     m = re.search(r"resumed from \S*step_(\d+) at step (\d+)", text1)
@@ -175,7 +176,7 @@ def test_pretrain_trains_checkpoints_requeues_and_resumes(cluster):
     # Job 2 of the chain started only after job 1 (afterany) and resumed the finished run without training more.
     info2 = wait_job(env, second, 300)
     text2 = (logs / f"e2e-{second}.out").read_text()
-    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", (info2, text2)
+    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", f"{info2}\n{text2}"
     assert f"afterany:{first}" in sub.stdout
     assert re.search(rf"resumed from \S*step_0*{iters} at step {iters}", text2), text2
 
