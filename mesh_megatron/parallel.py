@@ -16,9 +16,25 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 
+_TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun for its workers: their RANK/WORLD_SIZE are authoritative
+
+
 def _env_from_slurm() -> None:
     """Map SLURM_* to the torchrun variables when launched by `srun` directly (one task per device)."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    if "SLURM_PROCID" not in os.environ:
+        return
+    if "RANK" in os.environ:
+        # torchrun under srun sets RANK itself. Otherwise RANK/WORLD_SIZE came from the submitting shell (sbatch
+        # exports it): every task would start a world of its own and they would overwrite one checkpoint directory.
+        step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+        if _TORCHRUN_MARK not in os.environ and step_tasks > 1 and int(os.environ.get("WORLD_SIZE", "1")) < step_tasks:
+            from mesh_megatron.config import ConfigError  # the CLIs print it as one line, exit 2
+
+            raise ConfigError(
+                f"srun started {step_tasks} tasks but RANK={os.environ['RANK']} WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')} "
+                "are set in the environment (inherited from the shell that submitted the job?): each task would train "
+                "alone. `unset RANK WORLD_SIZE LOCAL_RANK` before srun (slurm/pretrain.sbatch does), or launch with torchrun"
+            )
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")

@@ -143,6 +143,9 @@ def _tiny_corpus(d: Path) -> str:
 
 def test_pretrain_trains_checkpoints_requeues_and_resumes(cluster):
     env, d = dict(cluster["env"]), cluster["dir"]
+    # stale launcher variables in the submitting shell (as after a torchrun session, or an in-process test of this
+    # suite): sbatch exports them to the job, and the script must not let them make each task a world of its own
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     prefix = _tiny_corpus(d)
     run_dir = d / "run"
     logs = d / "logs"
@@ -167,6 +170,7 @@ def test_pretrain_trains_checkpoints_requeues_and_resumes(cluster):
     assert info1["JobState"] == "COMPLETED" and info1["ExitCode"] == "0:0", f"{info1}\n{text1}"
     assert info1["Restarts"] == "1", f"job 1 should have requeued itself once: {info1}\n{text1}"
     assert "SIGUSR1" in text1 and "requeueing job" in text1 and "restart=1" in text1
+    assert text1.count("world 2 = TP 1 x DP 2") == 2, f"both starts must form one 2-rank world:\n{text1}"
     m = re.search(r"resumed from \S*step_(\d+) at step (\d+)", text1)
     assert m, f"the requeued job did not resume from a checkpoint:\n{text1}"
     resumed_at = int(m.group(2))

@@ -68,3 +68,41 @@ def test_local_cluster_scripts_refuse_politely_when_not_root():
         res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(ROOT / "slurm/local/up.sh")],
                              capture_output=True, text=True, env={"PATH": os.environ["PATH"], "SLURM_LOCAL_DIR": "/tmp/not-used"})
     assert res.returncode == 1 and "must run as root" in res.stderr
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS",
+                "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _launch_env(monkeypatch, **values):
+    for k in _LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_srun_task_with_an_inherited_single_process_rank_is_refused(monkeypatch):
+    from mesh_megatron.config import ConfigError
+    from mesh_megatron.parallel import _env_from_slurm
+
+    # srun started 2 tasks, but RANK/WORLD_SIZE=1 leaked in from the submitting shell: each would train alone
+    _launch_env(monkeypatch, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", RANK="0", WORLD_SIZE="1",
+                MASTER_ADDR="node1")
+    with pytest.raises(ConfigError, match=r"srun started 2 tasks but RANK=0 WORLD_SIZE=1.*unset RANK WORLD_SIZE"):
+        _env_from_slurm()
+
+
+def test_srun_and_torchrun_rank_variables_are_taken_as_launched(monkeypatch):
+    import os
+
+    from mesh_megatron.parallel import _env_from_slurm
+
+    # srun directly: ranks from SLURM_*
+    _launch_env(monkeypatch, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="0", MASTER_ADDR="node1")
+    _env_from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "0")
+    # torchrun (one agent per node) under srun: its own RANK/WORLD_SIZE win
+    _launch_env(monkeypatch, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", RANK="9", WORLD_SIZE="16",
+                TORCHELASTIC_RUN_ID="abc", MASTER_ADDR="node1")
+    _env_from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("9", "16")
