@@ -381,6 +381,33 @@ def _dotted_diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
+def _data_fingerprint(prefix: str) -> tuple | None:
+    """What identifies a tokenized dataset wherever it lies: the bytes of its .idx and .bin (the .meta.json sidecar
+    records paths and timings, so it differs between identical tokenizations). None if the files are gone."""
+    import hashlib
+
+    digests = []
+    for ext in (".idx", ".bin"):
+        f = Path(prefix + ext)
+        if not f.is_file():
+            return None
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        digests.append(h.hexdigest())
+    return tuple(digests)
+
+
+def _same_tokens(a: list[str] | None, b: list[str] | None) -> bool:
+    """data.paths that name the same tokens: equal, or moved/re-tokenized copies with identical files."""
+    if a == b:
+        return True
+    if not a or not b or len(a) != len(b):
+        return False
+    return all(x == y or (_data_fingerprint(x) is not None and _data_fingerprint(x) == _data_fingerprint(y)) for x, y in zip(a, b))
+
+
 def run_name(cfg: dict, variant: dict, label: str, arch: str, seed: int) -> str:
     """`arch-sSEED`, with the sweep value inserted only when it changes this model's run: a sweep of
     archs.mesh.router_init_std leaves `base-s1` as it is, so the main comparison's run is reused, not retrained."""
@@ -454,6 +481,9 @@ def _run_and_probe_locked(cfg: dict, arch: str, seed: int, run_dir: Path, probe_
 
         shutil.rmtree(run_dir)
     prev = json.loads(done.read_text()).get("run_config") if done.is_file() else None
+    if prev is not None and prev != rc and _same_tokens(prev.get("data", {}).get("paths"), rc["data"]["paths"]):
+        # the same tokens under another path (e.g. --data given once, tokenized into OUT another time): same run
+        prev = {**prev, "data": {**prev["data"], "paths": rc["data"]["paths"]}}
     if prev == rc:
         print(f"[experiment] {run_dir.name}: already trained, skipping", flush=True)
     elif prev is not None:

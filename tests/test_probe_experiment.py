@@ -167,3 +167,32 @@ def test_a_finished_run_is_never_overwritten_by_other_settings(exp, tmp_path):
     with pytest.raises(exp.ExperimentError, match=r"different settings \(train\.lr: 0\.003 -> 0\.006\).*--force"):
         exp.run_and_probe(cfg, "base", 1, run_dir, None, "d", Args, 1, {})
     assert (run_dir / "experiment_done.json").is_file()
+
+
+def test_the_same_tokens_under_another_path_are_the_same_run(exp, tmp_path, capsys):
+    """A finished run trained on --data X is reused when OUT's own tokenization gives identical files; other tokens
+    under the same kind of path are still a different run."""
+    import shutil
+
+    from pretrain_data import make_dataset
+
+    first = make_dataset(tmp_path / "a" / "d")
+    moved = tmp_path / "b" / "d"
+    moved.parent.mkdir()
+    for ext in (".bin", ".idx", ".meta.json"):
+        shutil.copy(first + ext, str(moved) + ext)
+    other = make_dataset(tmp_path / "c" / "d", seed=1)
+
+    cfg, _ = exp.load_scale("tiny")
+    run_dir = tmp_path / "runs" / "base-s1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"event": "eval", "step": 4, "valid/loss": 6.5}\n')
+    (run_dir / "experiment_done.json").write_text(json.dumps({"run_config": exp.run_config(cfg, "base", 1, run_dir, first, "disabled")}))
+
+    class Args:
+        force, wandb = False, "disabled"
+
+    assert exp.run_and_probe(cfg, "base", 1, run_dir, None, str(moved), Args, 1, {})[0]["valid"] == [(4, 6.5)]
+    assert "already trained, skipping" in capsys.readouterr().out
+    with pytest.raises(exp.ExperimentError, match=r"different settings \(data\.paths: "):
+        exp.run_and_probe(cfg, "base", 1, run_dir, None, other, Args, 1, {})
