@@ -21,6 +21,7 @@ trainings at once (CPU: cores split between them; GPU: one device each).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -381,6 +382,7 @@ def _dotted_diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
+@functools.lru_cache(maxsize=None)  # one hash per dataset per invocation, however many runs compare against it
 def _data_fingerprint(prefix: str) -> tuple | None:
     """What identifies a tokenized dataset wherever it lies: the bytes of its .idx and .bin (the .meta.json sidecar
     records paths and timings, so it differs between identical tokenizations). None if the files are gone."""
@@ -405,7 +407,11 @@ def _same_tokens(a: list[str] | None, b: list[str] | None) -> bool:
         return True
     if not a or not b or len(a) != len(b):
         return False
-    return all(x == y or (_data_fingerprint(x) is not None and _data_fingerprint(x) == _data_fingerprint(y)) for x, y in zip(a, b))
+    def same(x: str, y: str) -> bool:
+        fx = _data_fingerprint(x)
+        return fx is not None and fx == _data_fingerprint(y)
+
+    return all(x == y or same(x, y) for x, y in zip(a, b))
 
 
 def run_name(cfg: dict, variant: dict, label: str, arch: str, seed: int) -> str:

@@ -13,7 +13,6 @@ must exit 0 after saving the same step.
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from mesh_megatron.parallel import _free_port
 from pretrain_data import VOCAB, make_dataset
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp: Path, data: str) -> Path:
