@@ -407,6 +407,7 @@ def _same_tokens(a: list[str] | None, b: list[str] | None) -> bool:
         return True
     if not a or not b or len(a) != len(b):
         return False
+
     def same(x: str, y: str) -> bool:
         fx = _data_fingerprint(x)
         return fx is not None and fx == _data_fingerprint(y)
@@ -423,13 +424,14 @@ def run_name(cfg: dict, variant: dict, label: str, arch: str, seed: int) -> str:
 
 def _job_env(slot: int, jobs: int) -> dict:
     """Per concurrent run: its share of the CPU cores, or its own GPU."""
-    env = _cpu_env()
+    from mesh_megatron.parallel import LAUNCHER_ENV
+
+    # every run is a job of its own: inherited launcher variables would make concurrent runs share one rendezvous
+    # port (or a run join the caller's group), so drop them and let each form its own group on a free port
+    env = {**_cpu_env(), **dict.fromkeys(LAUNCHER_ENV)}
     if jobs > 1:
         import torch
 
-        # concurrent single-process runs must not share a rendezvous port: drop inherited launcher variables, so
-        # each run forms its own one-process group on a free port
-        env.update(dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")))
         if torch.cuda.is_available():
             env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
         else:
@@ -453,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep", default=None, metavar="KEY=V1,V2,..",
                     help="train every model at each value of one scale-config entry; run dirs and tables per value")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (default 1). CPU: the cores are split "
-                    "between them (OMP_NUM_THREADS); GPU: one device each. Small CPU models train faster this way")
+                    "between them (OMP_NUM_THREADS); GPU: one device each")
     ap.add_argument("--nproc", type=int, default=None, help="processes per run (torchrun when > 1; default launch.nproc_per_node)")
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"], help="wandb mode for the runs")
     ap.add_argument("--force", action="store_true", help="retrain runs that already finished (deletes their run dirs). A finished run "
@@ -554,35 +556,32 @@ def main(argv: list[str] | None = None) -> int:
             results[task] = run_and_probe(c, arch, seed, out / "runs" / names[task], probe_dir, prefix, args, nproc,
                                           _job_env(slot, args.jobs))
 
-        if args.jobs == 1:
-            for t in tasks:
-                work(t, 0)
-        else:
-            import queue
-            from concurrent.futures import ThreadPoolExecutor
+        # --jobs slots (a slot = a share of the cores, or a GPU); a failed run is reported after the others finish
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
 
-            slots: queue.Queue = queue.Queue()
-            for i in range(args.jobs):
-                slots.put(i)
+        slots: queue.Queue = queue.Queue()
+        for i in range(args.jobs):
+            slots.put(i)
 
-            def in_slot(task):
-                slot = slots.get()
-                try:
-                    work(task, slot)
-                except ExperimentError as e:
-                    errors.append(str(e))
-                finally:
-                    slots.put(slot)
+        def in_slot(task):
+            slot = slots.get()
+            try:
+                work(task, slot)
+            except ExperimentError as e:
+                errors.append(str(e))
+            finally:
+                slots.put(slot)
 
-            with ThreadPoolExecutor(args.jobs) as pool:
-                list(pool.map(in_slot, tasks))
-            if errors:
-                raise ExperimentError(f"{len(errors)} of {len(tasks)} runs failed:\n" + "\n".join(errors))
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(in_slot, tasks))
+        if errors:
+            raise ExperimentError(f"{len(errors)} of {len(tasks)} runs failed:\n" + "\n".join(errors))
 
         cmdline = "python experiments/small_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
         summaries, md = [], []
+        by_name = {names[t]: r for t, r in results.items()}
         for label, c in grid:
-            by_name = {names[t]: r for t, r in results.items()}
             res = {(a, s): by_name[run_name(cfg, c, label, a, s)] for a in archs for s in seeds}
             runs = {k: v[0] for k, v in res.items()}
             probes = {k: v[1] for k, v in res.items() if v[1]}

@@ -16,6 +16,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 
+# torch.distributed's env:// rendezvous variables. A process that starts a job of its own (a test, an experiment run)
+# must not inherit them from its parent, or it joins (or collides with) the parent's group.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun for its workers: their RANK/WORLD_SIZE are authoritative
 
 

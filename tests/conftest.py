@@ -32,3 +32,17 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) ->
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(here / script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def fresh_job_env(**extra: str) -> dict:
+    """Environment for a trainer subprocess that starts a job of its own: none of the launcher variables an
+    in-process test left in os.environ (mesh_megatron.parallel.LAUNCHER_ENV), one thread, CPU DeepSpeed, the repo
+    importable; `extra` on top (e.g. RANK/WORLD_SIZE for a multi-process job)."""
+    from pathlib import Path
+
+    from mesh_megatron.parallel import LAUNCHER_ENV
+
+    repo = Path(__file__).resolve().parents[1]
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]), **extra}

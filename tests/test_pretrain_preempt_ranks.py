@@ -10,7 +10,6 @@ covers the late copy, a repeated signal and Python's own shutdown, where it rese
 must exit 0 after saving the same step.
 """
 
-import os
 import re
 import signal
 import subprocess
@@ -20,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from conftest import fresh_job_env
 from mesh_megatron.parallel import _free_port
 from pretrain_data import VOCAB, make_dataset
 
-HERE = Path(__file__).parent
 
 
 def _config(tmp: Path, data: str) -> Path:
@@ -60,13 +59,10 @@ def test_late_signal_on_one_rank_does_not_kill_a_stopped_run(tmp_path):
     data = make_dataset(tmp_path / "data" / "synthetic")
     config = _config(tmp_path, data)
     port = str(_free_port())
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     procs, logs = [], []
     for rank in range(2):
         log = tmp_path / f"rank{rank}.log"
-        env = {**base, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-               "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+        env = fresh_job_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         with log.open("w") as out:
             procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "--config", str(config)], env=env,
                                           stdout=out, stderr=subprocess.STDOUT))

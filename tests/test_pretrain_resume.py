@@ -11,7 +11,6 @@ the final validation losses of A and D.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import fresh_job_env
 from pretrain_data import VOCAB, make_dataset
 
-HERE = Path(__file__).parent
 STEPS = 12
 
 
@@ -43,15 +42,8 @@ def write_config(tmp: Path, data_prefix: str, name: str) -> Path:
     return path
 
 
-def env(**extra):
-    # a fresh single-process job: drop launcher variables an in-process test may have set in this interpreter
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), **extra}
-
-
 def cli(config: Path, *args, **extra_env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pretrain", "--config", str(config), *args], env=env(**extra_env),
+    return subprocess.Popen([sys.executable, "-m", "pretrain", "--config", str(config), *args], env=fresh_job_env(**extra_env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
