@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mesh_megatron.demo
+	$(PY) -m mesh_tools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

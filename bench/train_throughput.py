@@ -59,7 +59,7 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, micro_batch: int):
         from mesh_megatron.model import MeshGPTModel
-        from mesh_megatron.parallel import set_seed
+        from pretrain.distributed import set_seed
 
         self.cfg, self.micro_batch = cfg, micro_batch
         self.cuda = torch.cuda.is_available()
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON output (default bench/results/train_throughput_<device>.json)")
     args = ap.parse_args(argv)
 
-    from mesh_megatron.cpu_malloc import keep_heap_on_cpu
-    from mesh_megatron.parallel import initialize_parallel
+    from pretrain.cpu_malloc import keep_heap_on_cpu
+    from pretrain.distributed import initialize_parallel
 
     if not torch.cuda.is_available():
         keep_heap_on_cpu()  # else glibc page-faults activations in every step and dominates the timings

@@ -161,7 +161,7 @@ def probe_one(ckpt: Path, prefix: str, out_dir: Path, pcfg: dict, name: str, env
         prev = json.loads(done.read_text())
         if prev.get("source", {}).get("checkpoint") == str(ckpt) and prev["data"]["num_sequences"] == pcfg.get("num_sequences", 64):
             return prev
-    cmd = [sys.executable, "-m", "mesh_megatron.probe.cli", "run", "--checkpoint", str(ckpt), "--data", prefix,
+    cmd = [sys.executable, "-m", "mesh_tools.probe.cli", "run", "--checkpoint", str(ckpt), "--data", prefix,
            "--doc-range", str(pcfg.get("doc_range", "0:1")), "--num-sequences", str(pcfg.get("num_sequences", 64)),
            "--batch-size", str(pcfg.get("batch_size", 8)), "--name", name, "--out", str(out_dir)]
     log = out_dir.parent / f"{out_dir.name}.log"
@@ -424,7 +424,7 @@ def run_name(cfg: dict, variant: dict, label: str, arch: str, seed: int) -> str:
 
 def _job_env(slot: int, jobs: int) -> dict:
     """Per concurrent run: its share of the CPU cores, or its own GPU."""
-    from mesh_megatron.parallel import LAUNCHER_ENV
+    from pretrain.launcher import LAUNCHER_ENV
 
     # every run is a job of its own: inherited launcher variables would make concurrent runs share one rendezvous
     # port (or a run join the caller's group), so drop them and let each form its own group on a free port
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             md.append(results_markdown(summary, c, cmdline, title=label or None))
             plot_curves(archs, seeds, runs, out / f"loss_curves{suffix}.png")
             if probes:
-                from mesh_megatron.probe.plots import plot_all
+                from mesh_tools.probe.plots import plot_all
 
                 plot_all([probes[(a, seeds[0])] for a in archs], archs, out / f"probe_compare{suffix}")
         if not args.sweep:

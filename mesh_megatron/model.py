@@ -23,7 +23,7 @@ class MeshGPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not parallel_state.model_parallel_is_initialized():
-            raise RuntimeError("call mesh_megatron.parallel.initialize_parallel(tp) before building the model")
+            raise RuntimeError("call pretrain.distributed.initialize_parallel(tp) before building the model")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cfg.validate_parallel(tp)
         if cfg.sequence_parallel and tp > 1 and not torch.cuda.is_available():

@@ -1,16 +1,69 @@
-"""Process groups for the trainer: torch.distributed (torchrun / Slurm env) + megatron-core parallel_state, and the
-`mpu` object DeepSpeed asks for so that ZeRO partitions and gradient all-reduces run over the data-parallel group
-only (TP peers hold different shards, so they must never be averaged together)."""
+"""Process groups for the trainer: torch.distributed (from the launcher's environment, pretrain/launcher.py) with
+megatron-core parallel_state on top, seeding, and the `mpu` object DeepSpeed asks for so that ZeRO partitions and
+gradient all-reduces run over the data-parallel group only (TP peers hold different shards, so they must never be
+averaged together).
+
+`initialize_parallel` works for a single CPU process, `torchrun` on CPU (gloo) or GPU (nccl), and `srun` with one
+task per GPU, so models and tests never care how they were launched.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
+import random
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
-from mesh_megatron.parallel import destroy_parallel, initialize_parallel  # noqa: F401  (re-exported)
+from pretrain.launcher import env_for_single_process, env_from_slurm
+
+
+def initialize_parallel(tensor_parallel_size: int = 1, backend: str | None = None, timeout_s: int = 600) -> None:
+    """Initialise torch.distributed (if needed) and megatron-core's TP/DP groups.
+
+    A lone process without launcher variables gets a one-process group, so the same code path runs everywhere.
+    """
+    if not dist.is_initialized():
+        env_from_slurm()
+        if "RANK" not in os.environ:
+            env_for_single_process()
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % tensor_parallel_size:
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel_size {tensor_parallel_size}")
+    if ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != tensor_parallel_size:
+            raise RuntimeError("parallel_state already initialised with a different tensor parallel size; call destroy_parallel() first")
+        return
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+
+
+def destroy_parallel() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank, so replicated weights (built from full master weights) agree across TP ranks.
+
+    On GPU, megatron-core's RNG tracker additionally gets a TP-rank-specific stream for dropout inside
+    tensor-parallel regions. The tracker is CUDA-only (it asserts without CUDA), so on CPU it is not used.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available() and ps.model_parallel_is_initialized():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def setup(tensor_parallel_size: int, backend: str = "auto", timeout_s: int = 1800) -> None:

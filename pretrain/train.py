@@ -142,7 +142,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     t_setup = time.time()
     phases: dict[str, float] = {}
     if not torch.cuda.is_available():
-        from mesh_megatron.cpu_malloc import keep_heap_on_cpu
+        from pretrain.cpu_malloc import keep_heap_on_cpu
 
         keep_heap_on_cpu()  # glibc would otherwise unmap and page-fault the activations in again every step
     pd.setup(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -151,7 +151,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     from mesh_megatron.model import MeshGPTModel
     from mesh_megatron.params import flops_per_token
-    from mesh_megatron.parallel import set_seed
+    from pretrain.distributed import set_seed
 
     _quiet_libraries()
     rank, world = pd.rank(), pd.world_size()

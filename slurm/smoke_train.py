@@ -4,7 +4,7 @@
         --train.train_iters 20
 
 Rank / world / rendezvous come from SLURM_PROCID / SLURM_NTASKS / MASTER_ADDR:MASTER_PORT (as in
-mesh_megatron.parallel). Every step all-reduces each rank's contribution; rank 0 saves {step, total} atomically
+pretrain.launcher). Every step all-reduces each rank's contribution; rank 0 saves {step, total} atomically
 every --checkpoint.save_interval steps. SIGUSR1 / SIGTERM: finish the step, save, exit 0. `--checkpoint.resume
 auto` continues from the newest checkpoint and checks the all-reduced running total, so a wrong world size or a
 lost step after a requeue fails loudly. Used by tests/test_slurm_cluster.py and for checking a new cluster in

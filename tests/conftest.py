@@ -9,7 +9,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 @pytest.fixture(scope="session")
 def single_process():
     """A one-process gloo group with megatron-core parallel_state at TP=1, seeded."""
-    from mesh_megatron.parallel import initialize_parallel, set_seed
+    from pretrain.distributed import initialize_parallel, set_seed
 
     initialize_parallel(1)
     set_seed(1234)
@@ -36,11 +36,11 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) ->
 
 def fresh_job_env(**extra: str) -> dict:
     """Environment for a trainer subprocess that starts a job of its own: none of the launcher variables an
-    in-process test left in os.environ (mesh_megatron.parallel.LAUNCHER_ENV), one thread, CPU DeepSpeed, the repo
+    in-process test left in os.environ (pretrain.launcher.LAUNCHER_ENV), one thread, CPU DeepSpeed, the repo
     importable; `extra` on top (e.g. RANK/WORLD_SIZE for a multi-process job)."""
     from pathlib import Path
 
-    from mesh_megatron.parallel import LAUNCHER_ENV
+    from pretrain.launcher import LAUNCHER_ENV
 
     repo = Path(__file__).resolve().parents[1]
     base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}

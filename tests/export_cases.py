@@ -21,7 +21,7 @@ def model_state(cfg_dict: dict, seed: int = 1234) -> dict[str, torch.Tensor]:
     """This rank's state dict (TP-local shards under TP>1) of a perturbed MeshGPTModel."""
     from mesh_megatron.config import ModelConfig
     from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.parallel import set_seed
+    from pretrain.distributed import set_seed
     from mesh_megatron.tp_shards import tp_partition_dim
 
     set_seed(seed)

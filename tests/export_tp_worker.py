@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from export_cases import CASES, model_state
-from mesh_megatron.parallel import initialize_parallel, tp_rank
+from pretrain.distributed import initialize_parallel, tp_rank
 
 TP_CASES = ("vanilla_scaled", "mesh", "dynamic_comb", "static_comb")
 

@@ -54,7 +54,7 @@ def test_tp2_zero3_checkpoint_exports_with_parity(single_process, checkpoints, t
     from pretrain.checkpoint import load_full_model_state
 
     from mesh_megatron.config import ModelConfig
-    from mesh_megatron.hf.export import load_export, main, reference_logits
+    from mesh_tools.hf.export import load_export, main, reference_logits
 
     out = tmp_path / "hf"
     rc = main(["--checkpoint", str(checkpoints[name]), "--out", str(out), "--verify"])
@@ -80,7 +80,7 @@ def test_tp2_zero3_checkpoint_exports_with_parity(single_process, checkpoints, t
 
 
 def test_corrupt_and_incomplete_checkpoints_are_clear_errors(checkpoints, tmp_path, capsys):
-    from mesh_megatron.hf.export import main
+    from mesh_tools.hf.export import main
 
     src = next(p for p in checkpoints["mesh"].iterdir() if p.name.startswith("step_"))
     # incomplete: the COMPLETE marker is missing (a save that never finished)

@@ -10,9 +10,9 @@ import torch
 
 from export_cases import CASES, model_state
 from mesh_megatron.config import ModelConfig
-from mesh_megatron.hf import export as export_mod
-from mesh_megatron.hf.export import ExportError, build_parser, export_model, main
-from mesh_megatron.hf.tokenizer import TokenizerExportError, TokenizerSource
+from mesh_tools.hf import export as export_mod
+from mesh_tools.hf.export import ExportError, build_parser, export_model, main
+from mesh_tools.hf.tokenizer import TokenizerExportError, TokenizerSource
 from test_export_tokenizer import SHIPPED
 
 SHIPPED_SP = SHIPPED / "sample_sp8k.model"
@@ -23,7 +23,7 @@ def test_help_explains_every_flag():
     for flag in ("--checkpoint", "--out", "--tokenizer", "--tokenizer-kind", "--eod-token", "--no-tokenizer", "--dtype",
                  "--max-shard-size", "--verify", "--force"):
         assert flag in text
-    proc = subprocess.run([sys.executable, "-m", "mesh_megatron.hf.export", "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "mesh_tools.hf.export", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout
 
 
@@ -96,7 +96,7 @@ def test_failed_export_leaves_nothing_and_keeps_previous(mesh_model, tmp_path, m
 
 def test_sharded_bf16_export_loads(mesh_model, tmp_path):
     """Large models: weights split into several safetensors shards with an index; bf16 halves the size."""
-    from mesh_megatron.hf.export import load_export
+    from mesh_tools.hf.export import load_export
 
     cfg, sd = mesh_model
     export_model(cfg, sd, tmp_path / "out", tokenizer=None, dtype="bfloat16", max_shard_size="40KB")
@@ -112,7 +112,7 @@ def test_tokenizer_found_from_dataset_sidecar(tmp_path):
     import json
     import shutil
 
-    from mesh_megatron.hf.export import tokenizer_from_run_config
+    from mesh_tools.hf.export import tokenizer_from_run_config
 
     shutil.copyfile(SHIPPED_SP, tmp_path / "sp.model")
     (tmp_path / "data").mkdir()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mesh_megatron.config import ModelConfig
-from mesh_megatron.hf.export import export_model
-from mesh_megatron.hf.tokenizer import TokenizerSource
+from mesh_tools.hf.export import export_model
+from mesh_tools.hf.tokenizer import TokenizerSource
 
 DATA = Path(__file__).parent / "data"
 

@@ -12,7 +12,7 @@ import torch
 
 from export_cases import CASES, batch, model_state
 from mesh_megatron.config import ModelConfig
-from mesh_megatron.hf.export import PARITY_TOL, export_model, load_export, reference_logits
+from mesh_tools.hf.export import PARITY_TOL, export_model, load_export, reference_logits
 
 TOL = 1e-4
 assert TOL == PARITY_TOL

@@ -8,8 +8,8 @@ import textwrap
 
 from export_cases import CASES, model_state
 from mesh_megatron.config import ModelConfig
-from mesh_megatron.hf.export import export_model
-from mesh_megatron.hf.tokenizer import TokenizerSource
+from mesh_tools.hf.export import export_model
+from mesh_tools.hf.tokenizer import TokenizerSource
 from test_export_tokenizer import CORPUS
 
 SCRIPT = textwrap.dedent(

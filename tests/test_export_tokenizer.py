@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh_megatron.hf.tokenizer import TokenizerExportError, TokenizerSource, export_tokenizer
+from mesh_tools.hf.tokenizer import TokenizerExportError, TokenizerSource, export_tokenizer
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "export_corpus.txt"

@@ -12,7 +12,7 @@ import torch
 from export_cases import CASES, batch, model_state
 from export_tp_worker import TP_CASES
 from mesh_megatron.config import ModelConfig
-from mesh_megatron.hf.export import export_model, load_export, reference_logits
+from mesh_tools.hf.export import export_model, load_export, reference_logits
 from mesh_megatron.tp_shards import merge_tp_state_dicts
 from conftest import run_torchrun
 

@@ -12,7 +12,7 @@ REC = dict(hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=250,
 
 def build(seed=0, **kw):
     from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.parallel import set_seed
+    from pretrain.distributed import set_seed
 
     set_seed(seed)
     return MeshGPTModel(ModelConfig.from_dict({**REC, **kw}))
@@ -205,6 +205,6 @@ def test_fused_write_read_equals_plain(single_process):
 def test_keep_heap_on_cpu_applies_on_linux():
     import sys
 
-    from mesh_megatron.cpu_malloc import keep_heap_on_cpu
+    from pretrain.cpu_malloc import keep_heap_on_cpu
 
     assert keep_heap_on_cpu() is sys.platform.startswith("linux")

@@ -66,7 +66,7 @@ def test_learned_combinations_counted(single_process, connection, extra):
 
 
 def test_mesh_params_cli(capsys):
-    from mesh_megatron.cli import params_main
+    from mesh_tools.params_cli import params_main
 
     assert params_main(["configs/pythia-160m-vanilla.yaml", "configs/pythia-1.4b-mesh.yaml"]) == 0
     out = capsys.readouterr().out

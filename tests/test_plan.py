@@ -10,7 +10,7 @@ import torch
 
 from mesh_megatron.config import ModelConfig
 from mesh_megatron.params import count_parameters
-from mesh_megatron.plan import (
+from mesh_tools.plan import (
     Layout,
     activation_bytes,
     estimate,
@@ -114,7 +114,7 @@ def _saved_activation_bytes(model, ids) -> int:
 def test_activation_estimate_matches_measured_on_cpu(single_process, arch, recompute):
     """d=256 and a small vocabulary so the transformer layers (not the LM head) dominate what is measured."""
     from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.parallel import set_seed
+    from pretrain.distributed import set_seed
 
     shape = dict(hidden_size=256, num_attention_heads=4, seq_length=64, vocab_size=512, make_vocab_size_divisible_by=64,
                  recompute=recompute)

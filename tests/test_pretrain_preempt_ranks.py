@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from conftest import fresh_job_env
-from mesh_megatron.parallel import _free_port
+from pretrain.launcher import free_port
 from pretrain_data import VOCAB, make_dataset
 
 
@@ -58,7 +58,7 @@ def _wait_for(pattern: str, log: Path, procs: list[subprocess.Popen], timeout: f
 def test_late_signal_on_one_rank_does_not_kill_a_stopped_run(tmp_path):
     data = make_dataset(tmp_path / "data" / "synthetic")
     config = _config(tmp_path, data)
-    port = str(_free_port())
+    port = str(free_port())
     procs, logs = [], []
     for rank in range(2):
         log = tmp_path / f"rank{rank}.log"

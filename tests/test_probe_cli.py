@@ -44,7 +44,7 @@ def workdir(tmp_path_factory, single_process_module):
 
 @pytest.fixture(scope="module")
 def single_process_module():
-    from mesh_megatron.parallel import initialize_parallel, set_seed
+    from pretrain.distributed import initialize_parallel, set_seed
 
     initialize_parallel(1)
     set_seed(1234)
@@ -53,7 +53,7 @@ def single_process_module():
 def _model_and_state(tmp: Path, name: str, seed: int, **over):
     from mesh_megatron.config import ModelConfig
     from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.parallel import set_seed
+    from pretrain.distributed import set_seed
 
     cfg_path = _config(tmp, name, **over)
     set_seed(seed)
@@ -64,13 +64,13 @@ def _model_and_state(tmp: Path, name: str, seed: int, **over):
 
 
 def _run(argv):
-    from mesh_megatron.probe.cli import main
+    from mesh_tools.probe.cli import main
 
     return main(argv)
 
 
 def test_mesh_probe_json_and_plots(workdir):
-    from mesh_megatron.probe.data import load_windows
+    from mesh_tools.probe.data import load_windows
 
     tmp, prefix = workdir
     model, cfg, sd = _model_and_state(tmp, "tiny-mesh", seed=7)

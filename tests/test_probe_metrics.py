@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mesh_megatron.probe import metrics as M
+from mesh_tools.probe import metrics as M
 
 
 def _rand(n=96, d=24, seed=0):

@@ -150,7 +150,7 @@ def test_pretrain_trains_checkpoints_requeues_and_resumes(cluster):
     run_dir = d / "run"
     logs = d / "logs"
     iters = 24
-    sub = _run([sys.executable, "-m", "mesh_megatron.submit", "--config", "configs/demo.yaml", "--nodes", "2",
+    sub = _run([sys.executable, "-m", "mesh_tools.submit", "--config", "configs/demo.yaml", "--nodes", "2",
                 "--gpus-per-node", "0", "--chain", "2", "--job-name", "e2e", "--log-dir", str(logs), "--time", "00:10:00",
                 "--", "--data.paths", f"[{prefix}]", "--logging.dir", str(run_dir), "--train.train_iters", str(iters),
                 "--checkpoint.save_interval", "8", "--train.eval_interval", "0", "--train.log_interval", "2",

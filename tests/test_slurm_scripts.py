@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh_megatron.submit import main as submit_main
+from mesh_tools.submit import main as submit_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["slurm/pretrain.sbatch", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "slurm" / "local").glob("*.sh"))]
@@ -76,33 +76,36 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASK
 
 def _launch_env(monkeypatch, **values):
     for k in _LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+        # set, then delete: monkeypatch records the original (even "absent") and restores it, so the variables that
+        # env_from_slurm() writes do not leak into later tests
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     for k, v in values.items():
         monkeypatch.setenv(k, v)
 
 
 def test_srun_task_with_an_inherited_single_process_rank_is_refused(monkeypatch):
     from mesh_megatron.config import ConfigError
-    from mesh_megatron.parallel import _env_from_slurm
+    from pretrain.launcher import env_from_slurm
 
     # srun started 2 tasks, but RANK/WORLD_SIZE=1 leaked in from the submitting shell: each would train alone
     _launch_env(monkeypatch, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", RANK="0", WORLD_SIZE="1",
                 MASTER_ADDR="node1")
     with pytest.raises(ConfigError, match=r"srun started 2 tasks but RANK=0 WORLD_SIZE=1.*unset RANK WORLD_SIZE"):
-        _env_from_slurm()
+        env_from_slurm()
 
 
 def test_srun_and_torchrun_rank_variables_are_taken_as_launched(monkeypatch):
     import os
 
-    from mesh_megatron.parallel import _env_from_slurm
+    from pretrain.launcher import env_from_slurm
 
     # srun directly: ranks from SLURM_*
     _launch_env(monkeypatch, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="0", MASTER_ADDR="node1")
-    _env_from_slurm()
+    env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "0")
     # torchrun (one agent per node) under srun: its own RANK/WORLD_SIZE win
     _launch_env(monkeypatch, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", RANK="9", WORLD_SIZE="16",
                 TORCHELASTIC_RUN_ID="abc", MASTER_ADDR="node1")
-    _env_from_slurm()
+    env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("9", "16")

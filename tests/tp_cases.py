@@ -28,7 +28,7 @@ def batch():
 
 def run_case(cfg_dict: dict, seed: int = 1234) -> dict:
     from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.parallel import set_seed
+    from pretrain.distributed import set_seed
 
     set_seed(seed)
     model = MeshGPTModel(ModelConfig.from_dict(dict(cfg_dict)))

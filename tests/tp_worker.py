@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from mesh_megatron.config import ConfigError
-from mesh_megatron.parallel import initialize_parallel, tp_rank
+from pretrain.distributed import initialize_parallel, tp_rank
 from tp_cases import CASES, run_case
 
 

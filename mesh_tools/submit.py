@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_megatron.config import ConfigError, ModelConfig
-from mesh_megatron.plan import estimate, job_from_args, layout_from_run, load_run_dict, report
+from mesh_tools.plan import estimate, job_from_args, layout_from_run, load_run_dict, report
 
 SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"
 

@@ -11,7 +11,7 @@ from mesh_megatron.config import ConfigError, ModelConfig
 
 def _build(cfg: ModelConfig, seed: int):
     from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.parallel import initialize_parallel, set_seed
+    from pretrain.distributed import initialize_parallel, set_seed
 
     # Probing runs as one process: any TP layout of the checkpoint is merged to full weights first.
     initialize_parallel(1)

@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from mesh_megatron.config import ConfigError, ModelConfig
-from mesh_megatron.hf.card import model_card
-from mesh_megatron.hf.convert import ConversionError, check_state_dict, hf_config_dict, to_hf_state_dict
-from mesh_megatron.hf.tokenizer import TokenizerExportError, TokenizerSource, detect_kind, export_tokenizer
+from mesh_tools.hf.card import model_card
+from mesh_tools.hf.convert import ConversionError, check_state_dict, hf_config_dict, to_hf_state_dict
+from mesh_tools.hf.tokenizer import TokenizerExportError, TokenizerSource, detect_kind, export_tokenizer
 
 HERE = Path(__file__).parent
 SHIPPED_FILES = ("configuration_mesh_gpt.py", "modeling_mesh_gpt.py")
@@ -131,7 +131,7 @@ def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
         d.pop("model_type")
         hf_cfg = GPTNeoXConfig(**d)
     else:
-        from mesh_megatron.hf.configuration_mesh_gpt import MeshGPTConfig
+        from mesh_tools.hf.configuration_mesh_gpt import MeshGPTConfig
 
         legacy = {}
         arch_list = d.pop("architectures")
@@ -155,7 +155,7 @@ def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
 def reference_logits(cfg: ModelConfig, sd: dict[str, torch.Tensor], input_ids: torch.Tensor, num_loops: int | None = None) -> torch.Tensor:
     """Full logits of the training-side MeshGPTModel (TP=1, fp32) holding `sd`."""
     from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.parallel import initialize_parallel
+    from pretrain.distributed import initialize_parallel
 
     initialize_parallel(1)
     model = MeshGPTModel(cfg.replace(params_dtype="float32", sequence_parallel=False, recompute="none", hidden_dropout=0.0, attention_dropout=0.0))

@@ -1,9 +1,9 @@
-"""`make demo` (= `python -m mesh_megatron.demo`): the whole pipeline on one CPU in a few minutes.
+"""`make demo` (= `python -m mesh_tools.demo`): the whole pipeline on one CPU in a few minutes.
 
 1. tokenize the shipped sample corpus (data/sample) with the shipped SentencePiece model into runs/demo/data,
 2. train the tiny MeSH model (configs/demo.yaml) with the real trainer (DeepSpeed + megatron-core, gloo, fp32),
 3. validate / test, checkpoint,
-4. export to Hugging Face format (when `mesh_megatron.hf.export` is installed),
+4. export to Hugging Face format (when `mesh_tools.hf.export` is installed),
 and print where everything was written. Re-running resumes nothing: it starts a fresh run unless --resume auto.
 """
 
@@ -36,9 +36,9 @@ def tokenize(out_prefix: Path, workers: int) -> dict:
 
 def export(checkpoint: str, out_dir: Path) -> str | None:
     """Hook for the Hugging Face export: runs `mesh-export --checkpoint CKPT --out DIR` when it is installed."""
-    if importlib.util.find_spec("mesh_megatron.hf") is None or importlib.util.find_spec("mesh_megatron.hf.export") is None:
+    if importlib.util.find_spec("mesh_tools.hf") is None or importlib.util.find_spec("mesh_tools.hf.export") is None:
         return None
-    from mesh_megatron.hf.export import main as export_main
+    from mesh_tools.hf.export import main as export_main
 
     # --force: a re-run replaces the last export; --verify: logits parity with the training-side model before publishing
     rc = export_main(["--checkpoint", checkpoint, "--out", str(out_dir), "--force", "--verify"])
@@ -48,7 +48,7 @@ def export(checkpoint: str, out_dir: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mesh_megatron.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mesh_tools.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="run directory (default runs/demo)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.train_iters of configs/demo.yaml, 600)")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] 4/4 Hugging Face export", flush=True)
     exported = export(result["checkpoint"], hf_dir) if result["checkpoint"] else None
     if exported is None:
-        print("[demo]     skipped: mesh_megatron.hf.export is not installed in this checkout", flush=True)
+        print("[demo]     skipped: mesh_tools.hf.export is not installed in this checkout", flush=True)
 
     print(f"\n[demo] done in {time.time() - t0:.0f}s. Written:", flush=True)
     rows = [

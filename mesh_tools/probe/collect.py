@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mesh_megatron.probe import metrics as M
+from mesh_tools.probe import metrics as M
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _vanilla_hooks(model, record: list):
 @torch.no_grad()
 def probe(model, windows: torch.Tensor, batch_size: int = 8, num_loops: int | None = None, top_k: int = 50,
           device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """windows Long[n, s+1] -> statistics dict (see mesh_megatron.probe.cli for the JSON layout)."""
+    """windows Long[n, s+1] -> statistics dict (see mesh_tools.probe.cli for the JSON layout)."""
     cfg = model.cfg
     k = cfg.num_loops if num_loops is None else num_loops
     plan = state_plan(cfg, k)

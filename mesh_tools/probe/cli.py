@@ -75,10 +75,10 @@ def write_json(path: Path, obj) -> None:
 def run(args) -> dict:
     import torch
 
-    from mesh_megatron.probe import loading
-    from mesh_megatron.probe.collect import probe
-    from mesh_megatron.probe.data import load_windows
-    from mesh_megatron.probe.plots import plot_all
+    from mesh_tools.probe import loading
+    from mesh_tools.probe.collect import probe
+    from mesh_tools.probe.data import load_windows
+    from mesh_tools.probe.plots import plot_all
 
     if args.state_dict and not args.config:
         raise ValueError("--state-dict needs --config (the model config the weights belong to)")
@@ -143,7 +143,7 @@ def _read_result(p: str) -> dict:
 
 
 def compare(args) -> list:
-    from mesh_megatron.probe.plots import plot_all
+    from mesh_tools.probe.plots import plot_all
 
     results = [_read_result(p) for p in args.inputs]
     names = args.names or [r.get("name", f"model{i}") for i, r in enumerate(results)]
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = build_parser().parse_args(argv)
     from mesh_megatron.config import ConfigError
-    from mesh_megatron.probe.data import ProbeDataError
+    from mesh_tools.probe.data import ProbeDataError
 
     try:
         run(args) if args.cmd == "run" else compare(args)
