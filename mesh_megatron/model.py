@@ -15,8 +15,8 @@ from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
 from mesh_megatron.config import ConfigError, ModelConfig
-from mesh_megatron.connections import build_connection
 from mesh_megatron.layers import Stack, base_std, layer_norm, megatron_config, normal_init, rotary_freqs, torch_dtype
+from mesh_megatron.standalone.connections import build_connection
 
 
 class MeshGPTModel(nn.Module):
@@ -48,7 +48,10 @@ class MeshGPTModel(nn.Module):
             self.prelude = Stack(cfg, mcfg, tp, cfg.prelude_layers, per_layer)
             self.core = Stack(cfg, mcfg, tp, cfg.core_layers, per_layer)
             self.coda = Stack(cfg, mcfg, tp, cfg.coda_layers, per_layer)
-            self.connection = build_connection(cfg, dtype)
+            self.connection = build_connection(
+                "mesh" if cfg.arch == "mesh" else cfg.connection, cfg.hidden_size, cfg.num_loops,
+                num_slots=cfg.num_slots if cfg.arch == "mesh" else None, router_std=cfg.router_init_std, dtype=dtype,
+            )
         self.final_ln = layer_norm(cfg)
         # Untied output embedding (Pythia); vocab split over TP ranks, logits stay split for the parallel CE.
         self.lm_head = tensor_parallel.ColumnParallelLinear(

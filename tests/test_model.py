@@ -183,7 +183,7 @@ def test_model_build_checks_tp_divisibility(single_process):
 
 def test_fused_write_read_equals_plain(single_process):
     """The one-pass write/read (Eq. 6 form) is the plain write-then-read, values and gradients."""
-    from mesh_megatron.mesh import read, write, write_read
+    from mesh_megatron.standalone.mesh import read, write, write_read
 
     g = torch.Generator().manual_seed(0)
     mem = torch.randn(5, 7, 2, 16, generator=g, dtype=torch.float64, requires_grad=True)

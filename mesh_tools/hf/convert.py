@@ -1,7 +1,7 @@
 """Training-side (MeshGPTModel) state dict + ModelConfig -> Hugging Face config dict + state dict.
 
 Vanilla -> native `GPTNeoXForCausalLM` (Pythia layout: gpt_neox.*, embed_out.weight). Recursive / MeSH ->
-`MeshGPTForCausalLM` (mesh_tools/hf/modeling_mesh_gpt.py, shipped in the export).
+`MeshGPTForCausalLM` (mesh_megatron/standalone/modeling_mesh_gpt.py, shipped in the export).
 
 Layouts need no reshuffling: our fused QKV already is GPT-NeoX's [heads, (q, k, v), head_dim] on the output dim,
 LayerNorms / linears keep their shapes, and the padded vocabulary rows stay (vocab_size = padded size, as Pythia).

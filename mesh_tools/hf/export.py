@@ -5,7 +5,8 @@
 1. The checkpoint (any ZeRO stage, any TP size) is gathered into one full fp32 state dict by
    `pretrain.checkpoint.load_full_model_state`, with the resolved run config (model section, tokens seen).
 2. Vanilla models become a native `GPTNeoXForCausalLM`; recursive and MeSH models a `MeshGPTForCausalLM` whose
-   configuration and modeling files are copied into the export (`auto_map`, `trust_remote_code=True`).
+   configuration and modeling files (mesh_megatron/standalone/, the training model's own MeSH and connection code
+   included) are copied into the export as they are (`auto_map`, `trust_remote_code=True`).
 3. The tokenizer (from --tokenizer, else the dataset's PREFIX.meta.json sidecar) becomes tokenizer.json +
    tokenizer_config.json for `AutoTokenizer`.
 4. A model card (README.md) records architecture, loops, parameters, tokens seen and the training config.
@@ -27,13 +28,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mesh_megatron import standalone
 from mesh_megatron.config import ConfigError, ModelConfig
 from mesh_tools.hf.card import model_card
 from mesh_tools.hf.convert import ConversionError, check_state_dict, hf_config_dict, to_hf_state_dict
 from mesh_tools.hf.tokenizer import TokenizerExportError, TokenizerSource, detect_kind, export_tokenizer
 
-HERE = Path(__file__).parent
-SHIPPED_FILES = ("configuration_mesh_gpt.py", "modeling_mesh_gpt.py")
+# The model code every recursive / MeSH export ships: the training model's own pure-torch files, copied as they are.
+STANDALONE_DIR = Path(standalone.__file__).parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARITY_TOL = 1e-4  # fp32 CPU logits, export vs training-side model
 
@@ -131,7 +133,7 @@ def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
         d.pop("model_type")
         hf_cfg = GPTNeoXConfig(**d)
     else:
-        from mesh_tools.hf.configuration_mesh_gpt import MeshGPTConfig
+        from mesh_megatron.standalone.configuration_mesh_gpt import MeshGPTConfig
 
         legacy = {}
         arch_list = d.pop("architectures")
@@ -139,8 +141,8 @@ def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
         auto_map = d.pop("auto_map")
         hf_cfg = MeshGPTConfig(**d)
         hf_cfg.auto_map = auto_map
-        for name in SHIPPED_FILES:
-            shutil.copyfile(HERE / name, out / name)
+        for name in standalone.SHIPPED_FILES:
+            shutil.copyfile(STANDALONE_DIR / name, out / name)
     hf_cfg.architectures = arch_list
     hf_cfg.dtype = DTYPES[dtype]
     hf_cfg.save_pretrained(str(out))

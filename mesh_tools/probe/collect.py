@@ -1,6 +1,6 @@
 """Run a model over token windows with `record=[]` and reduce every sample's states to the paper's statistics.
 
-States probed (paper §3, ../shared/mesh_spec.md §5.10): h_emb, h^(0) (loop input), h^(1..K) (after each iteration;
+States probed (paper §3; docs/paper.md §6): h_emb, h^(0) (loop input), h^(1..K) (after each iteration;
 for MeSH after the read), h_out (coda output before the final LayerNorm). A vanilla model has no loop: its states are
 the embeddings and every layer's output (forward hooks), as a reference.
 

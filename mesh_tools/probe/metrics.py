@@ -1,6 +1,6 @@
 """Representation-similarity and spectrum math on one sample's state matrices X [n_tokens, dim].
 
-Choices (the paper does not state them; ../shared/mesh_spec.md §5.10):
+Choices (the paper does not state them; docs/paper.md §6):
 - CKA treats tokens as examples (Kornblith et al. 2019): CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with the
   biased HSIC estimator, i.e. <HKH, HLH>_F / (||HKH||_F ||HLH||_F), H the centring matrix.
 - RBF kernel K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2)), sigma^2 = median of the squared distances over distinct token

@@ -16,7 +16,7 @@
 # namespace. Outside it only the bridge slurmci-br, veths vh-slurmci-nN and namespaces slurmci-nN are created
 # (netns mode); down.sh removes them. Env: MODE, NNODES (2), CPUS (nproc), TIMEOUT (30 s), SLURM_LOCAL_DIR,
 # CRED_EXPIRE (10 s; Slurm holds a requeued job this long before it may start again, 120 s by default).
-# Based on the tested recipe in ../shared/slurm_local.md (timings and gotchas there).
+# How it is built and the gotchas behind each step: docs/slurm.md, "The local cluster recipe".
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/slurm-local}

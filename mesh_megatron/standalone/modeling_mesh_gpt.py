@@ -4,15 +4,16 @@
 
 Each layer is a GPT-NeoX (Pythia) block, y = x + Attn(LN1 x) + MLP(LN2 x), with rotary on the first rotary_pct of
 each head and the fused QKV laid out [heads, (q, k, v), head_dim]. The core's layers exist once and run K times.
-The connection between loops and the MeSH memory buffer behave exactly as mesh_megatron/connections.py and
-mesh_megatron/mesh.py (the export's logits-parity tests hold this file to the training-side model).
+The connection between loops and the MeSH memory buffer are the training model's own code: connections.py and
+mesh.py sit beside this file in the export (and in mesh_megatron/standalone/), imported relatively. The export's
+logits-parity tests hold the GPT-NeoX block here to the megatron-core one used in training.
 
 KV cache: a looped core calls the same layers K times with different inputs, so every *applied* layer gets its own
 cache slot, keyed by its unrolled index (prelude 0..P-1, then loop t layer j at P + t*C + j, then the coda); never by
 the shared layer object. The MeSH buffer, routers and loop connections act per token, so they need no cache: a
 decoding step only recomputes them for the new tokens.
 
-Depends only on torch and transformers (no megatron-core, no mesh_megatron).
+Depends only on torch, transformers and its sibling files (no megatron-core, no mesh_megatron).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_mesh_gpt import MeshGPTConfig
+from .connections import StaticCombConnection, build_connection
 
 # --- rotary (GPT-NeoX: rotate_half on the first rotary dims) -------------------------------------------------------
 
@@ -108,101 +110,6 @@ class MeshGPTStack(nn.ModuleList):
         return x
 
 
-# --- connections between loop iterations (mesh_megatron/connections.py, mesh.py) ------------------------------------
-
-
-class SupplementConnection(nn.Module):
-    """base / residual / anchor / anchor_star and their sums: h^(t+1) = f_core(h^(t)) + supplements."""
-
-    def __init__(self, supplements: tuple[str, ...]):
-        super().__init__()
-        self.supplements = supplements
-
-    def start(self, h_emb, h_pre):
-        return h_pre, (h_emb, h_pre)
-
-    def step(self, t, h, h_core, state, last=False):
-        h_emb, h0 = state
-        out = h_core
-        for s in self.supplements:
-            out = out + {"residual": h, "anchor": h0, "anchor_star": h_emb}[s]
-        return out, state
-
-
-class StaticCombConnection(nn.Module):
-    """h^(t+1) = a1 f_core(h^(t)) + a2 h^(0) + a3 h_emb with trained scalars."""
-
-    def __init__(self):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))
-
-    def start(self, h_emb, h_pre):
-        return h_pre, (h_emb, h_pre)
-
-    def step(self, t, h, h_core, state, last=False):
-        h_emb, h0 = state
-        a = self.alpha
-        return a[0] * h_core + a[1] * h0 + a[2] * h_emb, state
-
-
-class DynamicCombConnection(nn.Module):
-    """Per-token (a1, a2, a3) = W^(t) h^(t) + b^(t); iterations beyond the trained K reuse the last map."""
-
-    def __init__(self, config: MeshGPTConfig):
-        super().__init__()
-        self.gates = nn.ModuleList(nn.Linear(config.hidden_size, 3) for _ in range(config.trained_num_loops))
-
-    def start(self, h_emb, h_pre):
-        return h_pre, (h_emb, h_pre)
-
-    def step(self, t, h, h_core, state, last=False):
-        h_emb, h0 = state
-        a = self.gates[min(t, len(self.gates) - 1)](h).unsqueeze(-1)  # [b, s, 3, 1]
-        return a[..., 0, :] * h_core + a[..., 1, :] * h0 + a[..., 2, :] * h_emb, state
-
-
-class MeshConnection(nn.Module):
-    """MeSH: buffer m_0 = h_emb, m_{b>0} = 0; router pair 0 does the transitional write/read of the prelude output,
-    pair t+1 serves loop t (queried by the core input h^(t)); each step writes additively to every slot, then reads
-    the updated buffer. Extra inference loops reuse the last trained pair."""
-
-    def __init__(self, config: MeshGPTConfig):
-        super().__init__()
-        self.num_slots = config.mesh_slots
-        steps = config.trained_num_loops + 1
-        self.write_routers = nn.ModuleList(nn.Linear(config.hidden_size, config.mesh_slots) for _ in range(steps))
-        self.read_routers = nn.ModuleList(nn.Linear(config.hidden_size, config.mesh_slots) for _ in range(steps))
-
-    def _cycle(self, step, mem, query, value, last=False):
-        i = min(step, len(self.write_routers) - 1)
-        ww = torch.softmax(self.write_routers[i](query).float(), dim=-1).to(query.dtype)  # [b, s, B]
-        wr = torch.softmax(self.read_routers[i](query).float(), dim=-1).to(query.dtype)
-        # Read of the updated buffer = read of the old one + (sum_b wr_b ww_b) * value (paper Eq. 6).
-        h = (mem * wr.permute(2, 0, 1).unsqueeze(-1)).sum(dim=0) + (wr * ww).sum(dim=-1, keepdim=True) * value
-        if not last:
-            mem = mem + value.unsqueeze(0) * ww.permute(2, 0, 1).unsqueeze(-1)
-        return h, mem
-
-    def start(self, h_emb, h_pre):
-        mem = torch.cat([h_emb.unsqueeze(0), h_emb.new_zeros(self.num_slots - 1, *h_emb.shape)], dim=0)  # [B, b, s, d]
-        return self._cycle(0, mem, h_pre, h_pre)
-
-    def step(self, t, h, h_core, mem, last=False):
-        return self._cycle(t + 1, mem, h, h_core, last)
-
-
-def build_connection(config: MeshGPTConfig) -> nn.Module:
-    if config.arch == "mesh":
-        return MeshConnection(config)
-    if config.connection == "static_comb":
-        return StaticCombConnection()
-    if config.connection == "dynamic_comb":
-        return DynamicCombConnection(config)
-    if config.connection == "base":
-        return SupplementConnection(())
-    return SupplementConnection(tuple(config.connection.split("+")))
-
-
 # --- masks -----------------------------------------------------------------------------------------------------------
 
 
@@ -261,7 +168,10 @@ class MeshGPTModel(MeshGPTPreTrainedModel):
         self.prelude = MeshGPTStack(MeshGPTLayer(config) for _ in range(config.prelude_layers))
         self.core = MeshGPTStack(MeshGPTLayer(config) for _ in range(config.core_layers))
         self.coda = MeshGPTStack(MeshGPTLayer(config) for _ in range(config.coda_layers))
-        self.connection = build_connection(config)
+        self.connection = build_connection(
+            "mesh" if config.arch == "mesh" else config.connection, config.hidden_size, config.trained_num_loops,
+            num_slots=config.mesh_slots,
+        )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 

@@ -1,4 +1,4 @@
-"""MeSH: the memory buffer and its per-step read/write routers (paper §2; ../shared/mesh_spec.md §2).
+"""MeSH: the memory buffer and its per-step read/write routers (paper §2; docs/paper.md §2).
 
     buffer      M = {m_0 .. m_{B-1}},   m_0 = h_emb,  m_{b>0} = 0                       (Eq. 2)
     routers     w_write^(t) = softmax(W_write^(t) h^(t)),  w_read^(t) = softmax(W_read^(t) h^(t))   (Eq. 3)
@@ -13,6 +13,9 @@ paper's Table 5.
 
 Routers are plain replicated `nn.Linear`s (D -> B, with bias): tiny, so every TP rank holds the full router and
 computes the same weights from the same (full-hidden) activations. The softmax runs in fp32.
+
+Pure torch, no project imports: the training model uses this file and every MeSH export ships it unchanged. It acts
+per token, so it does not care whether activations are [seq, batch, hidden] (training) or [batch, seq, hidden] (HF).
 """
 
 from __future__ import annotations
@@ -22,17 +25,14 @@ import math
 import torch
 from torch import nn
 
-from mesh_megatron.config import ModelConfig
 
-
-def router_std(cfg: ModelConfig) -> float:
+def default_router_std(hidden_size: int) -> float:
     # Not stated in the paper; GPT-NeoX small_init sigma, truncated at 3 sigma, zero bias (as the 3rd-party port).
-    return cfg.router_init_std if cfg.router_init_std is not None else math.sqrt(2.0 / (5.0 * cfg.hidden_size))
+    return math.sqrt(2.0 / (5.0 * hidden_size))
 
 
-def make_router(cfg: ModelConfig, dtype: torch.dtype) -> nn.Linear:
-    lin = nn.Linear(cfg.hidden_size, cfg.num_slots, bias=True, dtype=dtype)
-    std = router_std(cfg)
+def make_router(hidden_size: int, num_slots: int, std: float, dtype: torch.dtype | None) -> nn.Linear:
+    lin = nn.Linear(hidden_size, num_slots, bias=True, dtype=dtype)
     nn.init.trunc_normal_(lin.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
     nn.init.zeros_(lin.bias)
     return lin
@@ -64,12 +64,15 @@ def write_read(mem: torch.Tensor, value: torch.Tensor, ww: torch.Tensor, wr: tor
 class MeshConnection(nn.Module):
     """The MeSH hand-off between loop iterations; state is the buffer, carried only within one forward."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, num_loops: int, num_slots: int, router_std: float | None = None,
+                 dtype: torch.dtype | None = None):
+        """`num_loops`: K at training (router pairs = K + 1); `router_std`: init sigma, default GPT-NeoX small_init."""
         super().__init__()
-        self.num_slots = cfg.num_slots
-        steps = cfg.num_loops + 1  # transitional pair + one pair per trained loop iteration
-        self.write_routers = nn.ModuleList(make_router(cfg, dtype) for _ in range(steps))
-        self.read_routers = nn.ModuleList(make_router(cfg, dtype) for _ in range(steps))
+        self.num_slots = num_slots
+        steps = num_loops + 1  # transitional pair + one pair per trained loop iteration
+        std = default_router_std(hidden_size) if router_std is None else router_std
+        self.write_routers = nn.ModuleList(make_router(hidden_size, num_slots, std, dtype) for _ in range(steps))
+        self.read_routers = nn.ModuleList(make_router(hidden_size, num_slots, std, dtype) for _ in range(steps))
         # Analysis / test hook: {step: (w_write [B], w_read [B])} replaces the routers' softmax at that step with
         # fixed per-slot weights (any real numbers), e.g. to show the buffer reproduces the fixed heuristics.
         self.forced_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None

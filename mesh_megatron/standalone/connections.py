@@ -1,4 +1,4 @@
-"""How one loop iteration hands its state to the next: the paper's baselines (§3 of ../shared/mesh_spec.md).
+"""How one loop iteration hands its state to the next: the paper's baselines (docs/paper.md §3).
 
 General form (Eq. 1): h^(t+1) = f_core(h^(t)) + h_sup^(t), h^(0) = f_pre(h_emb).
 
@@ -12,6 +12,9 @@ General form (Eq. 1): h^(t+1) = f_core(h^(t)) + h_sup^(t), h^(0) = f_pre(h_emb).
 
 Every connection has the same two-call interface as MeshConnection: start(h_emb, h_pre) -> (h^(0), state) and
 step(t, h, h_core, state) -> (h^(t+1), state), so the model's loop is one piece of code for all of them.
+
+Pure torch, no project imports (only the sibling mesh.py, relatively): the training model and every recursive / MeSH
+export use this same file.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mesh_megatron.config import ModelConfig
-from mesh_megatron.mesh import MeshConnection
+from .mesh import MeshConnection
 
 
 @dataclass
@@ -51,7 +53,7 @@ class SupplementConnection(nn.Module):
 class StaticCombConnection(nn.Module):
     """Trainable scalars (a1, a2, a3); initialised to (1, 0, 0), i.e. starting as the base recursion."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype | None = None):
         super().__init__()
         self.alpha = nn.Parameter(torch.tensor([1.0, 0.0, 0.0], dtype=dtype))
 
@@ -67,9 +69,9 @@ class DynamicCombConnection(nn.Module):
     """Per-token (a1, a2, a3) = W^(t) h^(t) + b^(t). The paper gives no functional form; this is our choice:
     one linear map per trained iteration (extra inference loops reuse the last), W = 0 and b = (1, 0, 0) at init."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, num_loops: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.gates = nn.ModuleList(nn.Linear(cfg.hidden_size, 3, dtype=dtype) for _ in range(cfg.num_loops))
+        self.gates = nn.ModuleList(nn.Linear(hidden_size, 3, dtype=dtype) for _ in range(num_loops))
         for g in self.gates:
             nn.init.zeros_(g.weight)
             with torch.no_grad():
@@ -83,13 +85,20 @@ class DynamicCombConnection(nn.Module):
         return a[..., 0, :] * h_core + a[..., 1, :] * state.h0 + a[..., 2, :] * state.h_emb, state
 
 
-def build_connection(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
-    if cfg.arch == "mesh":
-        return MeshConnection(cfg, dtype)
-    if cfg.connection == "static_comb":
+def build_connection(connection: str, hidden_size: int, num_loops: int, num_slots: int | None = None,
+                     router_std: float | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The hand-off between loop iterations: `connection` is "mesh" or one of the baselines above.
+
+    `num_loops` is K at training: it fixes how many per-iteration routers / gates exist (more loops at inference reuse
+    the last). `num_slots` and `router_std` are MeSH's (None: GPT-NeoX small_init sigma)."""
+    if connection == "mesh":
+        if num_slots is None:
+            raise ValueError("build_connection('mesh', ...) needs num_slots")
+        return MeshConnection(hidden_size, num_loops, num_slots, router_std=router_std, dtype=dtype)
+    if connection == "static_comb":
         return StaticCombConnection(dtype)
-    if cfg.connection == "dynamic_comb":
-        return DynamicCombConnection(cfg, dtype)
-    if cfg.connection == "base":
+    if connection == "dynamic_comb":
+        return DynamicCombConnection(hidden_size, num_loops, dtype)
+    if connection == "base":
         return SupplementConnection(())
-    return SupplementConnection(tuple(cfg.connection.split("+")))
+    return SupplementConnection(tuple(connection.split("+")))
