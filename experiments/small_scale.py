@@ -3,7 +3,8 @@
 residual heuristic) trained on the same real-text tokens with matched compute, then probed.
 
     python experiments/small_scale.py --scale tiny                      # CPU sanity run (~8 min on 2 cores)
-    python experiments/small_scale.py --scale small --seeds 1234 5678   # one GPU (see docs/results.md)
+    python experiments/small_scale.py --scale small --seeds 1234 5678   # one GPU (see docs/results.md); needs the
+        # corpus data/corpus/corpus.bin/.idx (small.yaml's data.corpus; made with `mesh-data tokenize`) or --data PREFIX
     python experiments/small_scale.py --archs base mesh --sweep train.lr=1.5e-3,3e-3,6e-3 --jobs 2   # a sweep
 
 Per run it writes a trainer run config, trains with the project's trainer (`python -m pretrain`, i.e. mesh-pretrain;
@@ -69,13 +70,52 @@ def _repo_path(p: str) -> str:
     return str(Path(p) if Path(p).is_absolute() else (REPO / p))
 
 
-def ensure_data(cfg: dict, out: Path, override: str | None) -> str:
-    """The dataset prefix: --data, or the scale's prefix under OUT, tokenized here on first use."""
-    if override:
-        return override
+def _shown(p: str | Path) -> str:
+    """A path as a command run from the current directory spells it: relative below it, absolute elsewhere."""
+    p = os.path.abspath(p)
+    rel = os.path.relpath(p)
+    return p if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
+def _dataset_exists(prefix: str | Path) -> bool:
+    return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
+
+
+def tokenize_command(prefix: str | Path, tok: dict) -> str:
+    """The mesh-data command that writes PREFIX.bin/.idx with a scale's tokenizer (its own inputs, or SHARDS...)."""
+    inputs = [_shown(_repo_path(i)) for i in tok.get("inputs") or []] or ["SHARDS..."]
+    model = _shown(_repo_path(str(tok["tokenizer_model"]))) if tok.get("tokenizer_model") else "TOKENIZER_MODEL"
+    cmd = ["mesh-data", "tokenize", *inputs, "-o", _shown(prefix), "--tokenizer", str(tok.get("tokenizer", "hf")),
+           "--tokenizer-model", model]
+    if int(tok.get("workers", 1)) > 1:
+        cmd += ["-j", str(int(tok["workers"]))]
+    return " ".join(cmd)
+
+
+def ensure_data(cfg: dict, out: Path, override: str | None, dry_run: bool = False) -> str:
+    """The dataset prefix to train on: --data PREFIX; else the scale's data.corpus.prefix, an existing data_tools
+    dataset (relative to the repository root; the small scale); else data.prefix under OUT, tokenized here from
+    data.tokenize on first use (the tiny scale; not with dry_run). A dataset that has to exist and does not is an
+    ExperimentError naming the mesh-data command that creates it, raised before anything is trained or written."""
     d = cfg["data"]
+    corpus = d.get("corpus")
+    if corpus is not None and not (isinstance(corpus, dict) and corpus.get("prefix")):
+        raise ExperimentError(f"data.corpus: expected a mapping with prefix:, tokenizer:, tokenizer_model:; got {corpus!r}")
+    if override or corpus:
+        # --data is relative to the current directory; absolute, so the trainer and the prober (run in REPO) agree
+        prefix = os.path.abspath(override) if override else _repo_path(corpus["prefix"])
+        if not _dataset_exists(prefix):
+            what = "--data" if override else "data.corpus.prefix"
+            hint = tokenize_command(prefix, corpus or d.get("tokenize") or {})
+            note = " (SHARDS: your Pile-format .jsonl/.jsonl.zst files)" if "SHARDS..." in hint else ""
+            raise ExperimentError(f"{what} {_shown(prefix)}: no such dataset ({_shown(prefix)}.bin/.idx missing); "
+                                  f"create it with: {hint}{note}" + ("" if override else "; or pass --data PREFIX"))
+        return prefix
+    if "prefix" not in d:
+        raise ExperimentError("the scale config's data: section needs corpus.prefix (an existing dataset) or prefix: "
+                              "(tokenized under --out from data.tokenize)")
     prefix = out / d["prefix"]
-    if Path(str(prefix) + ".bin").is_file() and Path(str(prefix) + ".idx").is_file():
+    if _dataset_exists(prefix):
         return str(prefix)
     tok = d.get("tokenize")
     if not tok:
@@ -85,6 +125,9 @@ def ensure_data(cfg: dict, out: Path, override: str | None) -> str:
     if missing:
         raise ExperimentError(f"data.tokenize.inputs: {missing} not found (paths are relative to {REPO}); "
                               "or pass an already tokenized prefix with --data")
+    if dry_run:
+        print(f"[experiment] would tokenize {len(inputs)} file(s) -> {prefix}", flush=True)
+        return str(prefix)
     from data_tools import tokenize_files
 
     print(f"[experiment] tokenizing {len(inputs)} file(s) -> {prefix}", flush=True)
@@ -447,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: its default_archs, i.e. vanilla base anchor mesh)")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: the scale's seeds)")
     ap.add_argument("--out", default=None, help="output directory (default runs/small_scale/<scale>)")
-    ap.add_argument("--data", default=None, help="an existing .bin/.idx prefix to train on instead of tokenizing")
+    ap.add_argument("--data", default=None, metavar="PREFIX", help="an existing data_tools dataset (PREFIX.bin/.idx) to "
+                    "train on instead of the scale's own: small reads data.corpus.prefix (data/corpus/corpus), tiny "
+                    "tokenizes the shipped sample into OUT")
     ap.add_argument("--train-iters", type=int, default=None, help="override train.train_iters (e.g. a quicker check)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change one scale-config entry, e.g. train.lr=6e-3 or archs.mesh.router_init_std=0.002 "
@@ -461,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="retrain runs that already finished (deletes their run dirs). A finished run "
                     "is otherwise never replaced: other settings in the same --out are an error")
     ap.add_argument("--no-probe", action="store_true", help="skip the probing step")
+    ap.add_argument("--dry-run", action="store_true", help="check the config and the dataset, print the runs it "
+                    "would train, and stop (trains, tokenizes and writes nothing)")
     return ap
 
 
@@ -536,9 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, c in grid:
             validate_runs(c, archs, f"{cfg_path}" + (f" with {label}" if label else ""))
         out = Path(args.out or REPO / "runs" / "small_scale" / str(cfg.get("scale", cfg_path.stem)))
-        out.mkdir(parents=True, exist_ok=True)
         nproc = args.nproc or int(cfg.get("launch", {}).get("nproc_per_node", 1))
-        prefix = ensure_data(cfg, out, args.data)
+        prefix = ensure_data(cfg, out, args.data, dry_run=args.dry_run)  # a missing corpus stops here: nothing written
 
         cfg_of = dict(grid)
         tasks = [(label, arch, seed) for label, _ in grid for seed in seeds for arch in archs]
@@ -547,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
         for t in tasks:
             unique.setdefault(names[t], t)
         tasks = list(unique.values())
+        if args.dry_run:
+            print(f"[experiment] dataset: {prefix}", flush=True)
+            print(f"[experiment] would train {len(tasks)} run(s) in {out / 'runs'}: "
+                  f"{', '.join(names[t] for t in tasks)}" + ("" if args.no_probe else ", and probe each"), flush=True)
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
         results, errors = {}, []
 
         def work(task, slot):

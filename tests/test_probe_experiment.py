@@ -196,3 +196,56 @@ def test_the_same_tokens_under_another_path_are_the_same_run(exp, tmp_path, caps
     assert "already trained, skipping" in capsys.readouterr().out
     with pytest.raises(exp.ExperimentError, match=r"different settings \(data\.paths: "):
         exp.run_and_probe(cfg, "base", 1, run_dir, None, other, Args, 1, {})
+
+
+def test_small_scale_without_its_corpus_stops_with_the_command_that_makes_it(exp, tmp_path, monkeypatch, capsys):
+    """A fresh clone has no corpus: one line naming the prefix and the mesh-data command, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    small = REPO / "experiments" / "configs" / "small.yaml"
+    cfg, _ = exp.load_scale("small")
+    assert cfg["data"]["corpus"]["prefix"] == "data/corpus/corpus" and "tokenize" not in cfg["data"]
+    assert "../shared" not in small.read_text()
+    # the clone: a repository root without data/corpus/, the command run from that root
+    monkeypatch.setattr(exp, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert exp.main(["--scale", str(small), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("small_scale: error: data.corpus.prefix data/corpus/corpus: ")
+    assert ("create it with: mesh-data tokenize SHARDS... -o data/corpus/corpus --tokenizer hf "
+            "--tokenizer-model data/tokenizers/gpt-neox-20b.json -j 8") in err
+    assert not (tmp_path / "out").exists()  # no run directory, nothing trained
+    monkeypatch.undo()
+
+    # the same from the command line, for a prefix set with --set or --data: exit 2, one line, no traceback
+    missing = tmp_path / "elsewhere" / "corpus"
+    for extra in (["--set", f"data.corpus.prefix={missing}"], ["--data", str(missing)]):
+        p = subprocess.run([sys.executable, str(REPO / "experiments" / "small_scale.py"), "--scale", "small",
+                            "--out", str(tmp_path / "out2"), *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr
+        assert p.stderr.count("\n") == 1 and f"{missing}.bin/.idx missing" in p.stderr
+        assert f"mesh-data tokenize SHARDS... -o {missing} --tokenizer hf" in p.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_small_scale_with_an_existing_corpus_gets_past_the_check(exp, tmp_path, capsys):
+    """A prefix that `mesh-data tokenize -o PREFIX` wrote (data_tools, the small scale's tokenizer) is accepted, from
+    --data or from data.corpus.prefix; --dry-run stops before training and writes nothing."""
+    from data_tools import tokenize_files
+
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text('{"text": "The first document of the corpus."}\n{"text": "And a second, slightly longer one."}\n')
+    prefix = tmp_path / "corpus" / "corpus"
+    tokenize_files([str(shard)], str(prefix), tokenizer="hf", quiet=True,
+                   tokenizer_model=str(REPO / "data" / "tokenizers" / "gpt-neox-20b.json"))
+    out = tmp_path / "out"
+    for extra in (["--data", str(prefix)], ["--set", f"data.corpus.prefix={prefix}"]):
+        assert exp.main(["--scale", "small", "--out", str(out), "--dry-run", *extra]) == 0
+        o = capsys.readouterr().out
+        assert f"dataset: {prefix}\n" in o and "would train 8 run(s)" in o and "mesh-s5678" in o
+    assert not out.exists()
+    # the tiny scale still tokenizes the shipped sample into OUT on first use (here only announced)
+    assert exp.main(["--scale", "tiny", "--out", str(out), "--dry-run"]) == 0
+    assert f"would tokenize 1 file(s) -> {out / 'data' / 'sample_text_document'}" in capsys.readouterr().out
+    assert not out.exists()
