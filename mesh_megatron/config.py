@@ -53,15 +53,76 @@ def closest(name: str, valid: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """yaml.safe_load of a file, with a missing file or bad YAML as a ConfigError naming the file."""
-    path = Path(path)
+def _load_yaml(path: Path, label: str, what: str) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such {what}") from None
+        raise ConfigError(f"{label}: no such {what}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: is a directory, not a {what}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{label}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def _shown(path: Path) -> str:
+    """A path for messages: relative to the working directory when it is below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def merge_config(base: Any, child: Any) -> Any:
+    """`child` deep-merged over `base`: mappings merge key by key (recursively); anything else in `child` (a list, a
+    scalar, null) replaces what `base` has. Neither argument is modified."""
+    if isinstance(base, dict) and isinstance(child, dict):
+        out = dict(base)
+        for key, value in child.items():
+            out[key] = merge_config(base[key], value) if key in base else value
+        return out
+    return child
+
+
+def _resolve_bases(path: Path, label: str, what: str, chain: tuple[Path, ...]) -> Any:
+    """The file at `path` (`label` in messages) over its bases; `chain` = the files whose bases are being read."""
+    data = _load_yaml(path, label, what)
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    here = path.resolve()
+    chain = (*chain, here)
+    data = dict(data)
+    bases = data.pop("base")
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{label}: 'base' must be a file path or a list of file paths (relative to this file), got {bases!r}")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        target = (here.parent / name).resolve()
+        if target in chain:
+            cycle = " -> ".join(_shown(p) for p in (*chain[chain.index(target):], target))
+            raise ConfigError(f"{label}: base cycle {cycle}")
+        if not target.is_file():
+            raise ConfigError(f"{label}: base '{name}' not found (looked for {target})")
+        parent = _resolve_bases(target, _shown(target), what, chain)
+        if not isinstance(parent, dict):
+            raise ConfigError(f"{_shown(target)}: a base file must be a mapping, got {type(parent).__name__} (base of {label})")
+        merged = merge_config(merged, parent)
+    return merge_config(merged, data)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """yaml.safe_load of a file with its bases resolved; a missing file, bad YAML or bad base is a ConfigError naming
+    the file.
+
+    Every config reader goes through here (the trainer's `load_run_config`, `ModelConfig.from_yaml` / mesh-params,
+    mesh-plan's `load_run_dict` and job files), so inheritance works the same everywhere: a top-level ``base:`` key
+    names a file (a path relative to the file that contains it), or a list of files applied left to right; each base
+    is read the same way (it may have bases of its own), then this file is deep-merged over them (`merge_config`:
+    mappings merge key by key, lists and scalars replace). The result has no ``base`` key. A cycle or a missing base
+    is refused. See docs/configs.md.
+    """
+    return _resolve_bases(Path(path), str(path), what, ())
 
 
 @dataclass
@@ -228,4 +289,4 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "ConfigError", "ARCHS", "CONNECTIONS", "closest", "read_yaml"]
+__all__ = ["ModelConfig", "ConfigError", "ARCHS", "CONNECTIONS", "closest", "merge_config", "read_yaml"]

@@ -6,7 +6,7 @@ import pytest
 from mesh_megatron.config import ModelConfig
 from mesh_megatron.params import count_parameters, flops_per_token
 
-# Pythia totals (EleutherAI, reproduced in ../shared/anchors.md §4) and MeSH Table 5 (../shared/mesh_spec.md §1.4).
+# Pythia totals (EleutherAI's released models) and MeSH Table 5; model sizes: docs/paper.md §4.
 PYTHIA_TOTAL = {
     "160m": 162_322_944,
     "410m": 405_334_016,
@@ -24,9 +24,22 @@ PAPER_NON_EMB = {  # config: (vanilla, recursive, router, recursive+mesh)
 }
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "vanilla-pythia"])
 @pytest.mark.parametrize("size, total", PYTHIA_TOTAL.items())
-def test_vanilla_totals_match_pythia(size, total):
-    assert count_parameters(ModelConfig.from_yaml(f"configs/pythia-{size}-vanilla.yaml"))["total"] == total
+def test_vanilla_totals_match_pythia(size, total, variant):
+    """Both vanillas (the paper's init / Pythia's init) are Pythia's model: the init changes no parameter."""
+    assert count_parameters(ModelConfig.from_yaml(f"configs/pythia-{size}-{variant}.yaml"))["total"] == total
+
+
+@pytest.mark.parametrize("size", [*PYTHIA_TOTAL, "tiny"])
+def test_vanilla_and_vanilla_pythia_differ_only_in_init(size):
+    prefix = "tiny" if size == "tiny" else f"pythia-{size}"
+    ours = ModelConfig.from_yaml(f"configs/{prefix}-vanilla.yaml")
+    pythia = ModelConfig.from_yaml(f"configs/{prefix}-vanilla-pythia.yaml")
+    assert count_parameters(ours) == count_parameters(pythia)
+    assert (ours.scale_embeddings, ours.output_layer_init) == (True, "scaled")  # the paper's, as the recursive arms
+    assert (pythia.scale_embeddings, pythia.output_layer_init) == (False, "wang")  # Pythia's
+    assert ours.replace(scale_embeddings=False, output_layer_init="wang", name=pythia.name) == pythia
 
 
 @pytest.mark.parametrize("size, counts", PAPER_NON_EMB.items())
@@ -46,7 +59,7 @@ def test_matched_compute_across_variants():
     assert 0 < (f["mesh"] - f["recursive"]) / f["recursive"] < 2e-4
 
 
-@pytest.mark.parametrize("name", ["tiny-vanilla", "tiny-recursive", "tiny-anchor", "tiny-mesh"])
+@pytest.mark.parametrize("name", ["tiny-vanilla", "tiny-vanilla-pythia", "tiny-recursive", "tiny-anchor", "tiny-mesh"])
 def test_analytic_count_equals_built_model(single_process, name):
     from mesh_megatron.model import MeshGPTModel
 

@@ -9,7 +9,7 @@ import yaml
 
 from mesh_megatron.config import ConfigError
 from pretrain.cli import main, split_overrides
-from pretrain.config import build_run_config, load_run_config
+from pretrain.config import build_run_config, load_run_config, read_yaml
 from pretrain.schedule import lr_multiplier
 
 RUN_CONFIGS = sorted(glob.glob("configs/*.yaml"))
@@ -24,7 +24,7 @@ def test_every_shipped_config_resolves(path):
 
 
 @pytest.mark.parametrize("size", list(PYTHIA_LR))
-@pytest.mark.parametrize("arch", ["vanilla", "recursive", "mesh"])
+@pytest.mark.parametrize("arch", ["vanilla", "vanilla-pythia", "recursive", "anchor", "mesh"])
 def test_pythia_sizes_have_paper_hyperparameters(size, arch):
     cfg = load_run_config(f"configs/pythia-{size}-{arch}.yaml")
     t = cfg.train
@@ -72,11 +72,11 @@ def test_bad_values_are_clear_errors(overrides, pattern):
 
 
 def test_unknown_keys_in_yaml_name_the_key(tmp_path):
-    d = yaml.safe_load(open("configs/tiny-mesh.yaml"))
+    d = read_yaml("configs/tiny-mesh.yaml")  # resolved: the run sections come from configs/base/tiny-run.yaml
     d["train"]["warmup_fracton"] = 0.1
     with pytest.raises(ConfigError, match=r"unknown key 'train.warmup_fracton' \(did you mean 'warmup_fraction'\?\)"):
         build_run_config(d, source="x.yaml")
-    d = yaml.safe_load(open("configs/tiny-mesh.yaml"))
+    d = read_yaml("configs/tiny-mesh.yaml")
     d["trian"] = {}
     with pytest.raises(ConfigError, match=r"x.yaml: unknown section 'trian' \(did you mean 'train'\?\)"):
         build_run_config(d, source="x.yaml")
