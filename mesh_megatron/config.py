@@ -23,20 +23,9 @@ from typing import Any
 
 import yaml
 
+from mesh_megatron.standalone.connection_names import CONNECTIONS
+
 ARCHS = ("vanilla", "recursive", "mesh")
-# Fixed heuristics of the paper (Eq. 1 supplements, summed) and its two learned combinations.
-SUPPLEMENTS = ("residual", "anchor", "anchor_star")
-CONNECTIONS = (
-    "base",
-    "residual",
-    "anchor",
-    "anchor_star",
-    "residual+anchor",
-    "anchor+anchor_star",
-    "residual+anchor+anchor_star",
-    "static_comb",
-    "dynamic_comb",
-)
 INIT_METHODS = ("small_init", "normal")
 OUTPUT_INITS = ("wang", "scaled")
 RECOMPUTE = ("none", "loop", "layer")

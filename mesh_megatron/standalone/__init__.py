@@ -2,6 +2,7 @@
 
     mesh.py                     MeSH: memory buffer, read/write routers (docs/paper.md §2)
     connections.py              the baseline loop connections and the one factory for all of them (§3)
+    connection_names.py         their names (no imports: the training config validates against it)
     configuration_mesh_gpt.py   Hugging Face config of an exported recursive / MeSH model
     modeling_mesh_gpt.py        Hugging Face model: the GPT-NeoX block, the loop, the KV cache
 
@@ -12,4 +13,4 @@ this package and as a flat exported directory; tests/test_layering.py holds them
 """
 
 # The files every recursive / MeSH export ships (mesh_tools/hf/export.py copies them verbatim).
-SHIPPED_FILES = ("configuration_mesh_gpt.py", "modeling_mesh_gpt.py", "connections.py", "mesh.py")
+SHIPPED_FILES = ("configuration_mesh_gpt.py", "modeling_mesh_gpt.py", "connections.py", "connection_names.py", "mesh.py")

@@ -12,17 +12,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-CONNECTIONS = (
-    "base",
-    "residual",
-    "anchor",
-    "anchor_star",
-    "residual+anchor",
-    "anchor+anchor_star",
-    "residual+anchor+anchor_star",
-    "static_comb",
-    "dynamic_comb",
-)
+from .connection_names import CONNECTIONS
 
 
 class MeshGPTConfig(PreTrainedConfig):
