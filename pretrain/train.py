@@ -137,229 +137,301 @@ def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int, num_lo
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(total[1].item())}
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured. Collective over all ranks."""
-    t_setup = time.time()
-    phases: dict[str, float] = {}
-    if not torch.cuda.is_available():
-        from pretrain.cpu_malloc import keep_heap_on_cpu
+class Trainer:
+    """One run, as the steps `train` calls in order. Every method is collective (all ranks call it, and make the same
+    all-reduces and barriers in the same order) unless its docstring says otherwise."""
 
-        keep_heap_on_cpu()  # glibc would otherwise unmap and page-fault the activations in again every step
-    pd.setup(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s)
-    phases["distributed"] = time.time() - t_setup
-    import deepspeed
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir, self.root = cfg.run_dir, cfg.checkpoint_dir
+        self.phases: dict[str, float] = {}  # setup wall time by phase, for the banner
+        self.losses: list[float] = []
+        self.evals: list[dict] = []
+        self.step_times: list[float] = []
+        self.last_ckpt: Path | None = None
+        self.stopped_by: str | None = None
+        self.signalled = False  # a signal (to any rank) stopped the run: keep our handler afterwards
+        self.stop = _StopFlag()
 
-    from mesh_megatron.model import MeshGPTModel
-    from mesh_megatron.params import flops_per_token
-    from pretrain.distributed import set_seed
+    def setup(self) -> None:
+        """Process groups, the run directory, and the checkpoint to resume from (checked before anything is built)."""
+        cfg = self.cfg
+        t_setup = time.time()
+        if not torch.cuda.is_available():
+            from pretrain.cpu_malloc import keep_heap_on_cpu
 
-    _quiet_libraries()
-    rank, world = pd.rank(), pd.world_size()
-    dp_rank, dp_size, tp_size = pd.dp_rank(), pd.dp_size(), pd.tp_size()
-    is_main = rank == 0
-    run_dir, root = cfg.run_dir, cfg.checkpoint_dir
-    precision = resolve_precision(cfg)
-    t = cfg.train
+            keep_heap_on_cpu()  # glibc would otherwise unmap and page-fault the activations in again every step
+        pd.setup(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s)
+        self.phases["distributed"] = time.time() - t_setup
+        # Lazy (start-up time), and here: once the process groups exist and before the seed is set. build() and
+        # open_logs() take their names from these modules.
+        import deepspeed  # noqa: F401
+        import mesh_megatron.model  # noqa: F401
+        import mesh_megatron.params  # noqa: F401
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_atomic(run_dir / "run_config.yaml", cfg.to_yaml())
-        print(f"[pretrain] resolved config ({cfg.source}):\n{cfg.to_yaml()}", flush=True)
-        stale = ckpt.clean_stale_temps(root)
-        if stale:
-            print(f"[pretrain] removed unfinished checkpoint saves: {', '.join(p.name for p in stale)}", flush=True)
-    pd.barrier()
+        _quiet_libraries()
+        self.rank, self.world = pd.rank(), pd.world_size()
+        self.dp_rank, self.dp_size, self.tp_size = pd.dp_rank(), pd.dp_size(), pd.tp_size()
+        self.is_main = self.rank == 0
+        self.precision = resolve_precision(cfg)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_atomic(self.run_dir / "run_config.yaml", cfg.to_yaml())
+            print(f"[pretrain] resolved config ({cfg.source}):\n{cfg.to_yaml()}", flush=True)
+            stale = ckpt.clean_stale_temps(self.root)
+            if stale:
+                print(f"[pretrain] removed unfinished checkpoint saves: {', '.join(p.name for p in stale)}", flush=True)
+        pd.barrier()
+        # Refuse an incompatible checkpoint before paying for the model build.
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.root)
+        if self.resume_from is not None:
+            ckpt.check_compatible(self.resume_from, cfg, self.dp_size)
 
-    # Refuse an incompatible checkpoint before paying for the model build.
-    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, root)
-    if resume_from is not None:
-        ckpt.check_compatible(resume_from, cfg, dp_size)
+    def build(self) -> None:
+        """The model and the DeepSpeed engine (AdamW, LR schedule, ZeRO partitioning)."""
+        import deepspeed
+        from mesh_megatron.model import MeshGPTModel
 
-    # Same seed everywhere: full master weights are built identically on every rank, then split over TP.
-    set_seed(t.seed)
-    t_phase = time.time()
-    model = MeshGPTModel(cfg.model)
-    phases["model"] = time.time() - t_phase
-    t_phase = time.time()
-    ds_config = deepspeed_config(cfg, dp_size, precision)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, t.weight_decay),
-        config=ds_config,
-        mpu=pd.MegatronMPU(),
-        lr_scheduler=lambda opt: build_scheduler(opt, t.train_iters, t.warmup_steps, t.min_lr_ratio),
-    )
-    grad_accum = ds_config["gradient_accumulation_steps"]
-    phases["deepspeed"] = time.time() - t_phase
+        cfg, t = self.cfg, self.t
+        # Same seed everywhere: full master weights are built identically on every rank, then split over TP.
+        pd.set_seed(t.seed)
+        t_phase = time.time()
+        model = MeshGPTModel(cfg.model)
+        self.phases["model"] = time.time() - t_phase
+        t_phase = time.time()
+        ds_config = deepspeed_config(cfg, self.dp_size, self.precision)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, t.weight_decay),
+            config=ds_config,
+            mpu=pd.MegatronMPU(),
+            lr_scheduler=lambda opt: build_scheduler(opt, t.train_iters, t.warmup_steps, t.min_lr_ratio),
+        )
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        self.phases["deepspeed"] = time.time() - t_phase
 
-    state = ckpt.TrainerState(
-        tensor_parallel_size=tp_size, data_parallel_size=dp_size, zero_stage=cfg.parallel.zero_stage,
-        global_batch_size=t.global_batch_size, train_iters=t.train_iters, precision=precision,
-    )
-    if resume_from is not None:
-        state = ckpt.load(engine, resume_from, cfg, dp_size)
-        if state.train_iters != t.train_iters and is_main:
-            print(f"[pretrain] note: train_iters changed {state.train_iters} -> {t.train_iters}; the LR schedule and the "
-                  "sample order are those of the new value from here on", flush=True)
-        state.train_iters = t.train_iters
-        if is_main:
-            print(f"[pretrain] resumed from {resume_from} at step {state.step} ({state.tokens_seen:,} tokens seen)", flush=True)
-    elif cfg.checkpoint.resume not in ("none", "auto") and is_main:
-        print("[pretrain] no checkpoint to resume from; starting from scratch", flush=True)
+    def restore(self) -> None:
+        """The trainer state: loaded with the weights, optimizer and RNG from the checkpoint to resume from, or new."""
+        cfg, t, resume_from = self.cfg, self.t, self.resume_from
+        self.state = ckpt.TrainerState(
+            tensor_parallel_size=self.tp_size, data_parallel_size=self.dp_size, zero_stage=cfg.parallel.zero_stage,
+            global_batch_size=t.global_batch_size, train_iters=t.train_iters, precision=self.precision,
+        )
+        self.last_ckpt = resume_from
+        if resume_from is not None:
+            self.state = ckpt.load(self.engine, resume_from, cfg, self.dp_size)
+            if self.state.train_iters != t.train_iters and self.is_main:
+                print(f"[pretrain] note: train_iters changed {self.state.train_iters} -> {t.train_iters}; the LR "
+                      "schedule and the sample order are those of the new value from here on", flush=True)
+            self.state.train_iters = t.train_iters
+            if self.is_main:
+                print(f"[pretrain] resumed from {resume_from} at step {self.state.step} "
+                      f"({self.state.tokens_seen:,} tokens seen)", flush=True)
+        elif cfg.checkpoint.resume not in ("none", "auto") and self.is_main:
+            print("[pretrain] no checkpoint to resume from; starting from scratch", flush=True)
 
-    t_phase = time.time()
-    train_ds, valid_ds, test_ds = build_datasets(cfg, dp_size)
-    phases["data"] = time.time() - t_phase
-    t_phase = time.time()
-    metrics = Metrics(cfg, rank, run_dir, resume_wandb_id=state.wandb_id)
-    phases["logging"] = time.time() - t_phase
-    if is_main:
-        state.wandb_id = metrics.wandb_id
-    peak = device_peak_tflops(cfg.logging.peak_tflops)
-    fpt = flops_per_token(cfg.model)
-    tokens_per_step = t.global_batch_size * cfg.model.seq_length
-    if is_main:
+    def load_data(self) -> None:
+        """The train, valid and test datasets (valid / test are None when the split leaves them nothing)."""
+        t_phase = time.time()
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(self.cfg, self.dp_size)
+        self.phases["data"] = time.time() - t_phase
+
+    def open_logs(self) -> None:
+        """The metrics sinks (continuing the resumed run's wandb run) and the constants for throughput and MFU."""
+        from mesh_megatron.params import flops_per_token
+
+        t_phase = time.time()
+        self.metrics = Metrics(self.cfg, self.rank, self.run_dir, resume_wandb_id=self.state.wandb_id)
+        self.phases["logging"] = time.time() - t_phase
+        if self.is_main:
+            self.state.wandb_id = self.metrics.wandb_id
+        self.peak = device_peak_tflops(self.cfg.logging.peak_tflops)
+        self.fpt = flops_per_token(self.cfg.model)
+
+    def announce(self) -> None:
+        """Rank 0 only: what is trained on what layout and batch, and where the setup time went."""
+        if not self.is_main:
+            return
         from mesh_megatron.params import count_parameters
 
+        cfg, t, dp_size = self.cfg, self.t, self.dp_size
         n = count_parameters(cfg.model)
         print(
             f"[pretrain] {cfg.model.name or cfg.model.arch} layout {cfg.model.layout}: {n['total']:,} params "
-            f"({n['non_embedding']:,} non-embedding) | world {world} = TP {tp_size} x DP {dp_size} | ZeRO-{cfg.parallel.zero_stage} "
-            f"| {precision} | micro {t.micro_batch_size} x accum {grad_accum} x DP {dp_size} = {t.global_batch_size} seqs "
-            f"= {tokens_per_step:,} tokens/step | {len(train_ds):,} train samples | checkpoints -> {root}",
+            f"({n['non_embedding']:,} non-embedding) | world {self.world} = TP {self.tp_size} x DP {dp_size} | "
+            f"ZeRO-{cfg.parallel.zero_stage} | {self.precision} | micro {t.micro_batch_size} x accum {self.grad_accum} "
+            f"x DP {dp_size} = {t.global_batch_size} seqs = {self.tokens_per_step:,} tokens/step | "
+            f"{len(self.train_ds):,} train samples | checkpoints -> {self.root}",
             flush=True,
         )
-        print("[pretrain] setup " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), flush=True)
+        print("[pretrain] setup " + ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items()), flush=True)
 
-    stop = _StopFlag()
-    stop.install()
-    started = time.time()
-    losses: list[float] = []
-    evals: list[dict] = []
-    last_ckpt: Path | None = resume_from
-    stopped_by: str | None = None
-    signalled = False
-    step_times: list[float] = []
+    def loop(self) -> None:
+        """Steps until train_iters or a stop; then, unless stopped, the final evaluations and checkpoint."""
+        t, save_interval = self.t, self.cfg.checkpoint.save_interval
+        self.stop.install()
+        self.started = time.time()
+        try:
+            while self.state.step < t.train_iters:
+                self.log_step(*self.train_step())
+                if t.eval_interval and self.state.step % t.eval_interval == 0 and self.state.step < t.train_iters:
+                    self.run_evals("valid", self.valid_ds)
+                if self.should_stop():
+                    self.stop_run()
+                    break
+                if save_interval and self.state.step % save_interval == 0:
+                    self.save()
+            if self.stopped_by is None:
+                self.finish()
+        finally:
+            # After a signal-triggered stop (on any rank) keep our handler: the signal may still be on its way to this
+            # rank, or be repeated by the launcher (srun, torchrun), and the default action would turn a clean,
+            # checkpointed stop into a kill. (The CLI then ignores these signals for the rest of its exit.)
+            if not self.signalled:
+                self.stop.restore()
+            self.metrics.close()
 
-    def do_save() -> Path:
-        path = ckpt.save(engine, cfg, state, root)
-        if is_main:
-            metrics.log({"event": "checkpoint", "step": state.step, "path": str(path)}, console=f"[pretrain] saved checkpoint {path}")
-        return path
+    def train_step(self) -> tuple[float, float, float, float]:
+        """One optimizer step over this rank's micro-batches; returns (DP-mean loss, lr used, grad norm, seconds)."""
+        engine, t, state = self.engine, self.t, self.state
+        t0 = time.time()
+        lr = self.optimizer.param_groups[0]["lr"]
+        mb_losses = []
+        grad_norm = None
+        batches = train_micro_batches(self.train_ds, state.step, self.cfg, self.dp_rank, self.dp_size)
+        for i, b in enumerate(batches):
+            loss_tok = engine(input_ids=b["tokens"].to(engine.device), labels=b["labels"].to(engine.device))
+            mask = b["loss_mask"].to(engine.device)
+            loss = (loss_tok.float() * mask).sum() / mask.sum().clamp_min(1.0)
+            engine.backward(loss)
+            if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
+                grad_norm = pd.grad_norm(engine.module)  # pre-clip; ZeRO-0 does not report it
+            engine.step()
+            mb_losses.append(loss.item())
+        loss = _dp_mean(mb_losses, engine.device)
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        state.tokens_seen += self.tokens_per_step
+        self.losses.append(loss)
+        dt = time.time() - t0
+        self.step_times.append(dt)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {state.step}; lower train.lr or check the data")
+        if t.check_replicated_interval and state.step % t.check_replicated_interval == 0:
+            pd.assert_replicated_in_sync(engine.module)
+        return loss, lr, grad_norm, dt
 
-    def do_eval(split: str, ds) -> None:
-        res = evaluate(engine, ds, cfg, dp_rank, dp_size)
+    def log_step(self, loss: float, lr: float, grad_norm: float, dt: float) -> None:
+        """The step's metrics record, with a console line every log_interval steps and at the first and last step."""
+        t, step = self.t, self.state.step
+        recent = self.step_times[-10:]
+        tps = self.tokens_per_step / (sum(recent) / len(recent))
+        mfu = self.fpt * tps / (self.world * self.peak * 1e12) if self.peak else None
+        record = {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+            "tokens_seen": self.state.tokens_seen, "step_time_s": dt, "memory_gib": memory_gib(),
+        }
+        if mfu is not None:
+            record["mfu"] = mfu
+        console = None
+        if step % t.log_interval == 0 or step == 1 or step == t.train_iters:
+            eta = (t.train_iters - step) * (sum(recent) / len(recent))
+            console = (
+                f"step {step:>6}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad-norm {grad_norm:.3f} | "
+                f"{tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"mem {record['memory_gib']:.2f} GiB | ETA {fmt_eta(eta)}"
+            )
+        self.metrics.log(record, console=console)
+
+    def run_evals(self, split: str, ds) -> None:
+        """Loss on `split`; for recursive / MeSH models also on the same samples at the other loop counts asked for."""
+        step = self.state.step
+        res = evaluate(self.engine, ds, self.cfg, self.dp_rank, self.dp_size)
         if res is None:
             return
-        evals.append({"step": state.step, "split": split, **res})
-        metrics.log(
-            {"event": "eval", "step": state.step, f"{split}/loss": res["loss"], f"{split}/ppl": res["ppl"]},
-            console=f"[pretrain] {split:5s} step {state.step}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens",
+        self.evals.append({"step": step, "split": split, **res})
+        self.metrics.log(
+            {"event": "eval", "step": step, f"{split}/loss": res["loss"], f"{split}/ppl": res["ppl"]},
+            console=f"[pretrain] {split:5s} step {step}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | "
+            f"{res['tokens']:,} tokens",
         )
-        # the same samples with more / fewer core iterations than trained (recursive / MeSH only)
-        if cfg.model.arch != "vanilla":
-            for k in t.eval_num_loops:
-                rk = evaluate(engine, ds, cfg, dp_rank, dp_size, num_loops=k)
-                evals.append({"step": state.step, "split": f"{split}@K{k}", "num_loops": k, **rk})
-                metrics.log(
-                    {"event": "eval", "step": state.step, f"{split}/loss@K{k}": rk["loss"], f"{split}/ppl@K{k}": rk["ppl"]},
-                    console=f"[pretrain] {split:5s} step {state.step}: K={k}: loss {rk['loss']:.4f} | ppl {rk['ppl']:.2f}",
-                )
+        if self.cfg.model.arch == "vanilla":
+            return
+        for k in self.t.eval_num_loops:
+            rk = evaluate(self.engine, ds, self.cfg, self.dp_rank, self.dp_size, num_loops=k)
+            self.evals.append({"step": step, "split": f"{split}@K{k}", "num_loops": k, **rk})
+            self.metrics.log(
+                {"event": "eval", "step": step, f"{split}/loss@K{k}": rk["loss"], f"{split}/ppl@K{k}": rk["ppl"]},
+                console=f"[pretrain] {split:5s} step {step}: K={k}: loss {rk['loss']:.4f} | ppl {rk['ppl']:.2f}",
+            )
 
-    try:
-        while state.step < t.train_iters:
-            t0 = time.time()
-            lr = optimizer.param_groups[0]["lr"]
-            mb_losses = []
-            grad_norm = None
-            batches = train_micro_batches(train_ds, state.step, cfg, dp_rank, dp_size)
-            for i, b in enumerate(batches):
-                loss_tok = engine(input_ids=b["tokens"].to(engine.device), labels=b["labels"].to(engine.device))
-                mask = b["loss_mask"].to(engine.device)
-                loss = (loss_tok.float() * mask).sum() / mask.sum().clamp_min(1.0)
-                engine.backward(loss)
-                if i == len(batches) - 1 and cfg.parallel.zero_stage == 0:
-                    grad_norm = pd.grad_norm(engine.module)  # pre-clip; ZeRO-0 does not report it
-                engine.step()
-                mb_losses.append(loss.item())
-            loss = _dp_mean(mb_losses, engine.device)
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            state.step += 1
-            state.consumed_samples += t.global_batch_size
-            state.tokens_seen += tokens_per_step
-            losses.append(loss)
-            dt = time.time() - t0
-            step_times.append(dt)
+    def should_stop(self) -> bool:
+        """True on every rank if any rank was signalled, ran out of time or reached exit_at_step (an all-reduce)."""
+        t, max_minutes = self.t, self.cfg.checkpoint.max_minutes
+        out_of_time = max_minutes is not None and (time.time() - self.started) > 60 * max_minutes
+        exit_now = t.exit_at_step is not None and self.state.step >= t.exit_at_step
+        if not pd.any_rank(self.stop.signal is not None or out_of_time or exit_now):
+            return False
+        # Launchers deliver a signal to each rank separately (srun via every node's slurmstepd), so another rank may
+        # have stopped us before ours arrives: it is still on its way, and must not kill us.
+        self.signalled = self.stop.signal is not None or not (out_of_time or exit_now)
+        self.stopped_by = self.stop.signal or ("time limit" if out_of_time else f"exit_at_step {t.exit_at_step}"
+                                               if exit_now else "a signal to another rank")
+        return True
 
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {state.step}; lower train.lr or check the data")
-            if t.check_replicated_interval and state.step % t.check_replicated_interval == 0:
-                pd.assert_replicated_in_sync(engine.module)
+    def stop_run(self) -> None:
+        """Checkpoint now, and record why the run stops early."""
+        self.save()
+        if self.is_main:
+            self.metrics.log({"event": "stop", "step": self.state.step, "reason": self.stopped_by},
+                             console=f"[pretrain] stopping on {self.stopped_by} after step {self.state.step}; "
+                             "checkpoint saved, exiting 0")
 
-            recent = step_times[-10:]
-            tps = tokens_per_step / (sum(recent) / len(recent))
-            mfu = fpt * tps / (world * peak * 1e12) if peak else None
-            record = {
-                "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                "tokens_seen": state.tokens_seen, "step_time_s": dt, "memory_gib": memory_gib(),
-            }
-            if mfu is not None:
-                record["mfu"] = mfu
-            console = None
-            if state.step % t.log_interval == 0 or state.step == 1 or state.step == t.train_iters:
-                eta = (t.train_iters - state.step) * (sum(recent) / len(recent))
-                console = (
-                    f"step {state.step:>6}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad-norm {grad_norm:.3f} | "
-                    f"{tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                    f"mem {record['memory_gib']:.2f} GiB | ETA {fmt_eta(eta)}"
-                )
-            metrics.log(record, console=console)
+    def finish(self) -> None:
+        """End of training: validation and test, and a last checkpoint unless this step already has one."""
+        self.run_evals("valid", self.valid_ds)
+        self.run_evals("test", self.test_ds)
+        last = self.last_ckpt
+        if self.cfg.checkpoint.save_at_end and (last is None or last.name != ckpt.tag_for(self.state.step)):
+            self.save()
 
-            if t.eval_interval and state.step % t.eval_interval == 0 and state.step < t.train_iters:
-                do_eval("valid", valid_ds)
+    def save(self) -> None:
+        """A checkpoint of this step (collective: every rank writes its shards)."""
+        self.last_ckpt = ckpt.save(self.engine, self.cfg, self.state, self.root)
+        if self.is_main:
+            self.metrics.log({"event": "checkpoint", "step": self.state.step, "path": str(self.last_ckpt)},
+                             console=f"[pretrain] saved checkpoint {self.last_ckpt}")
 
-            out_of_time = cfg.checkpoint.max_minutes is not None and (time.time() - started) > 60 * cfg.checkpoint.max_minutes
-            exit_now = t.exit_at_step is not None and state.step >= t.exit_at_step
-            if pd.any_rank(stop.signal is not None or out_of_time or exit_now):
-                # Launchers deliver a signal to each rank separately (srun via every node's slurmstepd), so another
-                # rank may have stopped us before ours arrives: it is still on its way, and must not kill us.
-                signalled = stop.signal is not None or not (out_of_time or exit_now)
-                stopped_by = stop.signal or ("time limit" if out_of_time else f"exit_at_step {t.exit_at_step}"
-                                             if exit_now else "a signal to another rank")
-                last_ckpt = do_save()
-                if is_main:
-                    metrics.log({"event": "stop", "step": state.step, "reason": stopped_by},
-                                console=f"[pretrain] stopping on {stopped_by} after step {state.step}; checkpoint saved, exiting 0")
-                break
-            if cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0:
-                last_ckpt = do_save()
+    def summary(self) -> dict[str, Any]:
+        """What `train` returns."""
+        return {
+            "losses": self.losses,
+            "evals": self.evals,
+            "step": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "stopped_by": self.stopped_by,
+            "run_dir": str(self.run_dir),
+            "wall_s": time.time() - self.started,
+            "engine": self.engine,
+        }
 
-        if stopped_by is None:
-            do_eval("valid", valid_ds)
-            do_eval("test", test_ds)
-            if cfg.checkpoint.save_at_end and (last_ckpt is None or last_ckpt.name != ckpt.tag_for(state.step)):
-                last_ckpt = do_save()
-    finally:
-        # After a signal-triggered stop (on any rank) keep our handler: the signal may still be on its way to this
-        # rank, or be repeated by the launcher (srun, torchrun), and the default action would turn a clean,
-        # checkpointed stop into a kill. (The CLI then ignores these signals for the rest of its exit.)
-        if not signalled:
-            stop.restore()
-        metrics.close()
 
-    return {
-        "losses": losses,
-        "evals": evals,
-        "step": state.step,
-        "tokens_seen": state.tokens_seen,
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "stopped_by": stopped_by,
-        "run_dir": str(run_dir),
-        "wall_s": time.time() - started,
-        "engine": engine,
-    }
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run (or resume) training as configured. Collective over all ranks."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.build()
+    trainer.restore()
+    trainer.load_data()
+    trainer.open_logs()
+    trainer.announce()
+    trainer.loop()
+    return trainer.summary()
 
 
 __all__ = ["train", "evaluate", "deepspeed_config", "param_groups"]
