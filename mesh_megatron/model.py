@@ -49,7 +49,7 @@ class MeshGPTModel(nn.Module):
             self.core = Stack(cfg, mcfg, tp, cfg.core_layers, per_layer)
             self.coda = Stack(cfg, mcfg, tp, cfg.coda_layers, per_layer)
             self.connection = build_connection(
-                "mesh" if cfg.arch == "mesh" else cfg.connection, cfg.hidden_size, cfg.num_loops,
+                cfg.arch, cfg.connection, cfg.hidden_size, cfg.num_loops,
                 num_slots=cfg.num_slots if cfg.arch == "mesh" else None, router_std=cfg.router_init_std, dtype=dtype,
             )
         self.final_ln = layer_norm(cfg)

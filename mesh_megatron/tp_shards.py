@@ -2,7 +2,7 @@
 
 Used to check / reshard checkpoints and to export one full model. The split dims are those megatron-core's
 parallel layers use (ColumnParallelLinear: output dim 0; RowParallelLinear: input dim 1; VocabParallelEmbedding:
-vocab dim 0); `tests/test_tp_shards.py` checks this table against the `partition_dim` attributes megatron-core sets.
+vocab dim 0); `tests/test_model.py` checks this table against the `partition_dim` attributes megatron-core sets.
 """
 
 from __future__ import annotations

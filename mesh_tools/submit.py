@@ -31,10 +31,8 @@ SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sba
 
 def validate_overrides(config: str, overrides: dict[str, Any]) -> str:
     """Let the trainer's own config loader check every key and value; '' if OK, else why not."""
-    try:
-        from pretrain.config import load_run_config
-    except ImportError:
-        return ""  # the trainer is not installed here (e.g. a login node without the package): it checks at start
+    from pretrain.config import load_run_config
+
     try:
         load_run_config(config, {k: v if isinstance(v, str) else _yaml_scalar(v) for k, v in overrides.items()})
     except ConfigError as e:

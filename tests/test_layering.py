@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mesh_megatron", "pretrain", "mesh_tools", "data_tools")
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+# Files that exist only in ../shared (the dev box's notes): citing them by name is pointing outside the repository too.
+SHARED_ONLY = ("mesh_spec.md", "anchors.md", "slurm_local.md", "cpu_notes.md")
 
 
 def _lint(cwd: Path) -> subprocess.CompletedProcess:
@@ -63,22 +65,52 @@ def test_a_wrong_way_import_breaks_a_contract(tree_copy, module, line, contract)
 
 
 def test_standalone_files_import_each_other_only_relatively():
-    """Each shipped file must import its siblings with `from .x import` (absolute imports break in an export dir)."""
+    """Each shipped file imports its siblings with `from .x import` (absolute imports break in an export dir), and
+    otherwise only torch (MeSH, the connections: the training model runs them) or transformers (the HF wrapper)."""
     import ast
 
     from mesh_megatron import standalone
 
     here = Path(standalone.__file__).parent
     siblings = {Path(f).stem for f in standalone.SHIPPED_FILES}
+    assert {p.name for p in here.glob("*.py")} - {"__init__.py"} == set(standalone.SHIPPED_FILES)
     for name in standalone.SHIPPED_FILES:
+        allowed = {"__future__", "dataclasses", "math", "torch"}
+        if name.endswith("_mesh_gpt.py"):
+            allowed.add("transformers")
         tree = ast.parse((here / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
-                assert node.module.split(".")[0] in {"__future__", "dataclasses", "math", "torch", "transformers"}, (name, node.module)
+                assert node.module.split(".")[0] in allowed, (name, node.module)
             elif isinstance(node, ast.ImportFrom):
                 assert node.level == 1 and node.module in siblings, (name, node.module)
             elif isinstance(node, ast.Import):
-                assert all(a.name.split(".")[0] in {"math", "torch", "transformers"} for a in node.names), name
+                assert all(a.name.split(".")[0] in allowed for a in node.names), name
+
+
+def test_standalone_contract_forbids_every_other_model_module():
+    """The forbidden contract lists mesh_megatron's modules by name: a new module must be added to it."""
+    import pkgutil
+    import tomllib
+
+    import mesh_megatron
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (standalone,) = [c for c in contracts if c.get("source_modules") == ["mesh_megatron.standalone"]]
+    modules = {f"mesh_megatron.{m.name}" for m in pkgutil.iter_modules(mesh_megatron.__path__)} - {"mesh_megatron.standalone"}
+    assert modules <= set(standalone["forbidden_modules"]), modules - set(standalone["forbidden_modules"])
+
+
+def test_commands_live_in_the_layer_that_owns_them():
+    """Only the trainer's and the data tools' own commands live below the tools layer; the model has no CLI."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    below_tools = {name: target for name, target in scripts.items() if not target.startswith("mesh_tools.")}
+    assert below_tools == {"mesh-pretrain": "pretrain.cli:main", "mesh-data": "data_tools.cli:main"}, below_tools
+    for path in (ROOT / "mesh_megatron").rglob("*.py"):
+        text = path.read_text()
+        assert "import argparse" not in text and "__main__" not in text, f"{path.relative_to(ROOT)}: a command in the model package"
 
 
 def _tracked_files() -> list[Path]:
@@ -100,6 +132,6 @@ def test_nothing_outside_tests_refers_to_material_beside_the_repository():
         except UnicodeDecodeError:
             continue  # binary (figures, tokenizer models)
         for i, line in enumerate(text.splitlines(), 1):
-            if "../shared" in line or "..\\shared" in line:
+            if "../shared" in line or "..\\shared" in line or any(f in line for f in SHARED_ONLY):
                 offenders.append(f"{rel}:{i}: {line.strip()[:120]}")
     assert not offenders, "refers to ../shared (write what it needs into docs/ instead):\n" + "\n".join(offenders)

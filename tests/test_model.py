@@ -208,3 +208,16 @@ def test_keep_heap_on_cpu_applies_on_linux():
     from pretrain.cpu_malloc import keep_heap_on_cpu
 
     assert keep_heap_on_cpu() is sys.platform.startswith("linux")
+
+
+def test_build_connection_refuses_unknown_names():
+    """The shared factory checks its input (an exported config or a caller may pass any string)."""
+    from mesh_megatron.standalone.connections import build_connection
+
+    with pytest.raises(ValueError, match="unknown connection 'anchr'"):
+        build_connection("recursive", "anchr", 16, 2)
+    with pytest.raises(ValueError, match="needs num_slots"):
+        build_connection("mesh", "base", 16, 2)
+    with pytest.raises(ValueError, match="arch must be"):
+        build_connection("vanilla", "base", 16, 2)
+    assert type(build_connection("recursive", "residual+anchor", 16, 2)).__name__ == "SupplementConnection"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .connection_names import CONNECTIONS
 from .mesh import MeshConnection
 
 
@@ -85,16 +86,20 @@ class DynamicCombConnection(nn.Module):
         return a[..., 0, :] * h_core + a[..., 1, :] * state.h0 + a[..., 2, :] * state.h_emb, state
 
 
-def build_connection(connection: str, hidden_size: int, num_loops: int, num_slots: int | None = None,
+def build_connection(arch: str, connection: str, hidden_size: int, num_loops: int, num_slots: int | None = None,
                      router_std: float | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The hand-off between loop iterations: `connection` is "mesh" or one of the baselines above.
+    """The hand-off between loop iterations: MeSH for `arch` "mesh", else the named baseline `connection`.
 
     `num_loops` is K at training: it fixes how many per-iteration routers / gates exist (more loops at inference reuse
     the last). `num_slots` and `router_std` are MeSH's (None: GPT-NeoX small_init sigma)."""
-    if connection == "mesh":
+    if arch == "mesh":
         if num_slots is None:
-            raise ValueError("build_connection('mesh', ...) needs num_slots")
+            raise ValueError("build_connection: arch 'mesh' needs num_slots")
         return MeshConnection(hidden_size, num_loops, num_slots, router_std=router_std, dtype=dtype)
+    if arch != "recursive":
+        raise ValueError(f"build_connection: arch must be 'recursive' or 'mesh', got {arch!r}")
+    if connection not in CONNECTIONS:
+        raise ValueError(f"build_connection: unknown connection {connection!r}; choose one of {CONNECTIONS}")
     if connection == "static_comb":
         return StaticCombConnection(dtype)
     if connection == "dynamic_comb":

@@ -169,8 +169,7 @@ class MeshGPTModel(MeshGPTPreTrainedModel):
         self.core = MeshGPTStack(MeshGPTLayer(config) for _ in range(config.core_layers))
         self.coda = MeshGPTStack(MeshGPTLayer(config) for _ in range(config.coda_layers))
         self.connection = build_connection(
-            "mesh" if config.arch == "mesh" else config.connection, config.hidden_size, config.trained_num_loops,
-            num_slots=config.mesh_slots,
+            config.arch, config.connection, config.hidden_size, config.trained_num_loops, num_slots=config.mesh_slots
         )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()

@@ -54,10 +54,8 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
         raise ExportError(f"--checkpoint {path}: no such directory")
     if not path.is_dir():
         raise ExportError(f"--checkpoint {path}: not a directory (pass the checkpoint directory or the run's checkpoint root)")
-    try:
-        from pretrain.checkpoint import load_full_model_state
-    except ImportError as e:
-        raise ExportError(f"--checkpoint {path}: cannot read training checkpoints: pretrain.checkpoint.load_full_model_state is unavailable ({e})") from None
+    from pretrain.checkpoint import load_full_model_state
+
     try:
         run_cfg, sd = load_full_model_state(path)
     except ExportError:
