@@ -28,6 +28,10 @@ is not yet validated against torch.cuda.max_memory_allocated (no GPU was availab
 
 Refuses (exit 2, with the reason and a fix) a layout whose sizes do not divide (heads, FFN or vocabulary % TP,
 GPUs % TP, global batch % (micro x DP)) or whose estimate exceeds the GPU memory minus the headroom.
+
+A given throughput is checked against the GPU: tokens/s x flops_per_token (mesh_megatron/params.py) / the dense bf16
+peak of the trainer's table (pretrain/metrics.py PEAK_TFLOPS; --gpu, else logging.peak_tflops, else the fastest GPU
+there) = the MFU it implies. Above MFU_WARN it warns; above 100% it is impossible and refused (exit 2).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ from mesh_megatron.params import count_parameters, flops_per_token
 
 GiB = 2**30
 PYTHIA_TRAIN_TOKENS = 143_000 * 1024 * 2048  # Pythia: 143k steps of 1024 x 2048 tokens (~300B)
+# Well-tuned dense bf16 training reaches ~40-55% MFU (PaLM 46%, Megatron-LM at scale ~50%): a "measured" rate above
+# this is far more likely a cluster-wide rate, a forward-only timing or a guess than a record.
+MFU_WARN = 0.60
 
 
 class PlanError(ValueError):
@@ -301,6 +308,47 @@ def throughput_from_json(path: str | Path, name: str) -> float:
     raise ConfigError(f"{path}: no row for config '{name}' (has: {names}); run bench/train_throughput.py --configs <it>")
 
 
+def gpu_peak(run: dict[str, Any], gpu: str | None) -> tuple[str, float]:
+    """(where the peak comes from, dense bf16 TFLOP/s per GPU) for the MFU check: --gpu, else the config's
+    logging.peak_tflops (what the trainer itself would use), else the fastest GPU of the trainer's table (then only
+    impossible rates are refused)."""
+    from pretrain.metrics import PEAK_TFLOPS  # the trainer's own table; imports torch, so only when a rate is given
+
+    if gpu:
+        for key, peak in PEAK_TFLOPS.items():
+            if key in gpu.upper():  # substrings of device names, as the trainer matches them
+                return key, peak
+        raise ConfigError(f"--gpu '{gpu}': not in the peak table ({', '.join(PEAK_TFLOPS)}); "
+                          "set logging.peak_tflops to its dense bf16 TFLOP/s")
+    override = (run.get("logging") or {}).get("peak_tflops")
+    if override:
+        return "logging.peak_tflops", float(override)
+    top = max(PEAK_TFLOPS.values())
+    fastest = "/".join(k for k, v in PEAK_TFLOPS.items() if v == top)
+    return f"{fastest}, the fastest GPU known: --gpu for yours", top
+
+
+def implied_mfu(cfg: ModelConfig, tokens_per_s_per_gpu: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation of one GPU at this rate, with the trainer's FLOPs per token."""
+    return tokens_per_s_per_gpu * flops_per_token(cfg) / (peak_tflops * 1e12)
+
+
+def check_throughput(cfg: ModelConfig, tps: float, source: str, gpu: tuple[str, float], world: int) -> str:
+    """'' for a plausible rate, a warning above MFU_WARN; raises ConfigError above 100% (it cannot be right)."""
+    desc, peak = gpu
+    mfu = implied_mfu(cfg, tps, peak)
+    what = (f"{source}: {tps:,.0f} tokens/s per GPU x {flops_per_token(cfg) / 1e9:.1f} GFLOP/token = "
+            f"{mfu * peak:,.0f} TFLOP/s per GPU = {mfu:.0%} MFU ({peak:g} TFLOP/s dense bf16 peak: {desc})")
+    whole = f"; if {tps:,.0f} is all {world} GPUs together, give {tps / world:,.0f}" if world > 1 else ""
+    if mfu > 1:
+        raise ConfigError(f"{what}: impossible; give one GPU's measured rate (bench/train_throughput.py{whole}), "
+                          "or --gpu / logging.peak_tflops for a faster GPU")
+    if mfu > MFU_WARN:
+        return (f"{what}, above the {MFU_WARN:.0%} dense bf16 training reaches at best; check it is one GPU's measured "
+                f"rate (bench/train_throughput.py{whole}): the time to train assumes it")
+    return ""
+
+
 def time_to_train(tokens: float, tokens_per_s_per_gpu: float, world: int, efficiency: float) -> float:
     """Seconds, assuming the measured single-GPU rate scales to `world` GPUs at `efficiency`."""
     return tokens / (tokens_per_s_per_gpu * world * efficiency)
@@ -313,7 +361,8 @@ def gb(x: float) -> str:
     return "   n/a" if math.isnan(x) else f"{x / 1e9:6.1f}"
 
 
-def report(plan: Plan, tokens_per_s: float | None, train_tokens: float, efficiency: float) -> str:
+def report(plan: Plan, tokens_per_s: float | None, train_tokens: float, efficiency: float,
+           gpu: tuple[str, float] | None = None) -> str:
     cfg, L = plan.cfg, plan.layout
     rc = L.recompute or cfg.recompute
     lines = [
@@ -345,9 +394,10 @@ def report(plan: Plan, tokens_per_s: float | None, train_tokens: float, efficien
     ]
     if tokens_per_s:
         sec = time_to_train(train_tokens, tokens_per_s, L.world, efficiency)
+        mfu = f" ({implied_mfu(cfg, tokens_per_s, gpu[1]):.0%} MFU at {gpu[1]:g} TFLOP/s peak)" if gpu else ""
         lines.append(
             f"time to train {train_tokens / 1e9:,.1f}B tokens: {sec / 86400:,.1f} days ({sec / 3600 * L.world:,.0f} GPU-hours) "
-            f"at {tokens_per_s:,.0f} tokens/s/GPU measured x {L.world} GPUs x {efficiency:.0%} scaling; "
+            f"at {tokens_per_s:,.0f} tokens/s/GPU measured{mfu} x {L.world} GPUs x {efficiency:.0%} scaling; "
             f"{train_tokens / plan.tokens_per_step:,.0f} steps of {sec / (train_tokens / plan.tokens_per_step):.1f} s"
         )
     else:
@@ -403,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--throughput-json", help="bench/train_throughput.py result file to take the throughput from")
     tt.add_argument("--train-tokens", type=float, default=None,
                     help="tokens to train (default: train.train_iters x global batch x seq of the config, else Pythia's 300B)")
+    tt.add_argument("--gpu", help="GPU model for the MFU check of the throughput (H100, A100, ...: the trainer's "
+                    "peak table); default: the config's logging.peak_tflops, else the fastest GPU in the table")
     tt.add_argument("--scaling-efficiency", type=float, default=0.9, help="multi-GPU scaling efficiency applied to the measured rate (default 0.9)")
     args = ap.parse_args(argv)
 
@@ -422,16 +474,22 @@ def main(argv: list[str] | None = None) -> int:
         layout.headroom, layout.overhead_gib = args.headroom, args.overhead_gib
         plan = estimate(cfg, layout)
         tps = args.tokens_per_sec
+        source = f"--tokens-per-sec {tps:g}" if tps is not None else ""
         if tps is None and args.throughput_json:
             tps = throughput_from_json(args.throughput_json, cfg.name)
+            source = f"{args.throughput_json} ('{cfg.name}')"
+        gpu = gpu_peak(run, args.gpu) if tps else None
+        warning = check_throughput(cfg, tps, source, gpu, layout.world) if tps else ""
     except ConfigError as e:
         print(f"mesh-plan: {e}", file=sys.stderr)
         return 2
+    if warning:
+        print(f"mesh-plan: warning: {warning}", file=sys.stderr)
     tokens = args.train_tokens
     if tokens is None:
         iters = (run.get("train") or {}).get("train_iters")
         tokens = float(iters) * plan.tokens_per_step if iters else PYTHIA_TRAIN_TOKENS
-    print(report(plan, tps, tokens, args.scaling_efficiency))
+    print(report(plan, tps, tokens, args.scaling_efficiency, gpu))
     return 0 if plan.fits else 2
 
 

@@ -5,8 +5,16 @@
     mesh-submit --config configs/tiny-mesh.yaml --nodes 2 --gpus-per-node 0 -- --train.train_iters 50
     mesh-submit slurm/jobs/pythia-160m-mesh.yaml --dry-run              # print the sbatch command only
 
-Before anything is queued: the overrides are validated against the trainer's run config (a typo fails here, not
-after hours in the queue) and, for GPU jobs, `mesh-plan` must say the layout divides and fits (--force skips).
+Before anything is queued (each failure is one line with the fix, exit 2, nothing submitted):
+  - the run config resolves with the job's overrides and the trainer arguments after `--` (the trainer's own loader:
+    a typo fails here, not after hours in the queue);
+  - every data prefix (data.paths, valid_paths, test_paths) has its .bin and .idx, relative paths taken from the job's
+    working directory (the submit directory, or --sbatch-arg=--chdir=DIR);
+  - the python the job runs finds torch, deepspeed, megatron.core and this project. That python is this command's
+    own interpreter (sys.executable), passed to the job as MESH_PYTHON, or MESH_PYTHON when it is already set;
+  - for GPU jobs, `mesh-plan` says the layout divides and fits.
+--force submits despite a failed data, python or layout check (e.g. data that a job this one depends on creates);
+--dry-run reports them and prints the commands.
 `--chain K` submits K jobs, each starting after the previous one ends (`--dependency=afterany:<id>`); each
 resumes from the latest checkpoint, so a run longer than the partition's time limit continues across jobs.
 Logs: <log-dir>/<job-name>-<jobid>.out (default logs/slurm/), appended across requeues.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +36,87 @@ from mesh_megatron.config import ConfigError, ModelConfig
 from mesh_tools.plan import estimate, job_from_args, layout_from_run, load_run_dict, report
 
 SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"
+# What `python -m pretrain` needs in the job's interpreter. Found, not imported: importing them takes seconds.
+JOB_MODULES = ("torch", "deepspeed", "megatron.core", "mesh_megatron", "pretrain")
+_FIND_MODULES = """
+import importlib.util, sys
+def found(m):
+    try:
+        return importlib.util.find_spec(m) is not None
+    except ImportError:  # a parent package is missing
+        return False
+print(" ".join(m for m in sys.argv[1:] if not found(m)))
+"""
 
 
-def validate_overrides(config: str, overrides: dict[str, Any]) -> str:
-    """Let the trainer's own config loader check every key and value; '' if OK, else why not."""
+def resolve_run_config(config: str, overrides: dict[str, Any], extra: list[str]):
+    """The run config the job will train with: the trainer's own loader, with the job's overrides and the trainer
+    arguments after `--` (`--section.key value`, `--resume`). Raises ConfigError naming the key and the fix."""
+    from pretrain.cli import build_parser, split_overrides
     from pretrain.config import load_run_config
 
+    merged = {k: v if isinstance(v, str) else _yaml_scalar(v) for k, v in overrides.items()}
+    targs, rest = build_parser().parse_known_args(extra)
+    merged.update(split_overrides(rest))
+    if targs.resume is not None:
+        merged["checkpoint.resume"] = targs.resume
+    return load_run_config(targs.config or config, merged)
+
+
+def job_workdir(sbatch_args: list[str] | None) -> Path:
+    """Where the job runs: the submit directory (sbatch's default; slurm/pretrain.sbatch does not cd), or --chdir."""
+    wd = Path.cwd()
+    for a in sbatch_args or []:
+        if a.startswith("--chdir="):
+            wd = wd / a.split("=", 1)[1]
+        elif a.startswith("-D") and len(a) > 2:
+            wd = wd / a[2:].lstrip("=")
+    return wd
+
+
+def job_python() -> tuple[str, bool]:
+    """(the python the job will run, whether the user chose it with MESH_PYTHON)."""
+    explicit = os.environ.get("MESH_PYTHON", "")
+    return (explicit, True) if explicit else (sys.executable, False)
+
+
+def data_problems(run, workdir: Path) -> list[str]:
+    """One line per dataset prefix whose .bin or .idx the job would not find (relative paths from its workdir)."""
+    if not run.data.paths:
+        return [f"{run.source}: data.paths is empty; give the tokenized prefix (-- --data.paths '[PREFIX]', or the job's "
+                "overrides), made with `mesh-data tokenize CORPUS -o PREFIX`"]
+    out = []
+    for field in ("paths", "valid_paths", "test_paths"):
+        for prefix in getattr(run.data, field) or []:
+            where = workdir / prefix  # an absolute prefix stays as it is
+            missing = [ext for ext in (".bin", ".idx") if not Path(f"{where}{ext}").is_file()]
+            if not missing:
+                continue
+            rel = "" if Path(prefix).is_absolute() else f" (relative to the job's working directory {workdir})"
+            hint = "; give the prefix without .bin/.idx" if prefix.endswith((".bin", ".idx")) else ""
+            out.append(f"data.{field}: no {', '.join(f'{where}{e}' for e in missing)}{rel}{hint}; fix the path, or make "
+                       f"it with `mesh-data tokenize CORPUS -o {prefix}` (--force if a job this one depends on makes it)")
+    return out
+
+
+def python_problem(python: str, explicit: bool, workdir: Path) -> str:
+    """'' if `python` (run from the job's workdir, as the job runs it) finds every module of JOB_MODULES."""
+    who = f"MESH_PYTHON={python}" if explicit else f"this interpreter {python} (passed to the job as MESH_PYTHON)"
+    fix = ("set MESH_PYTHON to the python of the environment where mesh-megatron is installed "
+           "(e.g. /path/to/.venv/bin/python), or install it there with `pip install -e .`")
+    exe = shutil.which(python) if os.sep not in python else str(workdir / python)
+    if not python or not exe or not os.access(exe, os.X_OK):
+        return f"{who}: not an executable python; {fix}"
     try:
-        load_run_config(config, {k: v if isinstance(v, str) else _yaml_scalar(v) for k, v in overrides.items()})
-    except ConfigError as e:
-        return str(e)
-    return ""
+        res = subprocess.run([exe, "-c", _FIND_MODULES, *JOB_MODULES], cwd=workdir, capture_output=True, text=True,
+                             timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{who}: could not run it ({e}); {fix}"
+    if res.returncode:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"{who}: failed to start ({last}); {fix}"
+    missing = res.stdout.split()
+    return f"{who}: cannot import {', '.join(missing)} (run from {workdir}); {fix}" if missing else ""
 
 
 def _yaml_scalar(v: Any) -> str:
@@ -99,9 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", default="logs/slurm", help="where the job logs go (created; default logs/slurm)")
     ap.add_argument("--sbatch-arg", action="append", help="extra sbatch option, repeatable (e.g. --sbatch-arg=--exclusive)")
     ap.add_argument("--script", default=str(SBATCH_SCRIPT), help="the sbatch script (default slurm/pretrain.sbatch)")
-    ap.add_argument("--force", action="store_true", help="submit even if mesh-plan refuses the layout")
-    ap.add_argument("--dry-run", action="store_true", help="print the sbatch command(s) and the plan; submit nothing")
+    ap.add_argument("--force", action="store_true", help="submit even if mesh-plan refuses the layout, a data prefix "
+                    "is missing or the job's python lacks a module")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the sbatch command(s), the plan and any failed check; submit nothing")
     args = ap.parse_args(argv)
+    workdir = job_workdir(args.sbatch_arg)
+    python, explicit = job_python()
+
+    def at_workdir(path: str) -> str:  # the job opens relative paths from its working directory
+        return path if workdir == Path.cwd() else str(workdir / path)
 
     try:
         job = job_from_args(ap, args)
@@ -111,11 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             job["gpus_per_node"] = args.gpus_per_node
         if args.chain < 1:
             ap.error("--chain must be >= 1")
-        problem = validate_overrides(job["config"], job["overrides"])
-        if problem:
-            print(f"mesh-submit: {problem}", file=sys.stderr)
-            return 2
-        run = load_run_dict(job["config"], job["overrides"])
+        run_cfg = resolve_run_config(at_workdir(job["config"]), job["overrides"], extra)
+        run = load_run_dict(at_workdir(job["config"]), job["overrides"])
         cfg = ModelConfig.from_dict(run["model"], source=job["config"])
         if int(job["gpus_per_node"]) > 0:
             layout = layout_from_run(run, int(job["nodes"]), int(job["gpus_per_node"]), float(job.get("gpu_memory_gb", 80)))
@@ -126,20 +209,33 @@ def main(argv: list[str] | None = None) -> int:
                 for p in plan.problems:
                     print(f"  - {p}", file=sys.stderr)
                 return 2
+        problems = data_problems(run_cfg, workdir)
     except ConfigError as e:
         print(f"mesh-submit: {e}", file=sys.stderr)
         return 2
+    problems += [p for p in [python_problem(python, explicit, workdir)] if p]
+    if problems:
+        tag = "would not submit: " if args.dry_run else "warning (--force): " if args.force else ""
+        for p in problems:
+            print(f"mesh-submit: {tag}{p}", file=sys.stderr)
+        if not (args.dry_run or args.force):
+            print("mesh-submit: nothing submitted (fix the above, or --force to submit anyway)", file=sys.stderr)
+            return 2
+    # The job runs "$MESH_PYTHON" (plain `python` without it: whatever is first on the node's PATH); sbatch copies
+    # this environment into the job, so this is the interpreter just checked.
+    job_env = {"MESH_PYTHON": python}
+    shown = f"MESH_PYTHON={shlex.quote(python)} "
 
     if not args.dry_run:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)  # sbatch does not create it: the log would be lost
     dependency, ids = args.dependency, []
     for i in range(args.chain):
         cmd = sbatch_command(job, args, extra, dependency)
-        print(("would run: " if args.dry_run else "") + shlex.join(cmd))
+        print(("would run: " if args.dry_run else "") + shown + shlex.join(cmd))
         if args.dry_run:
             dependency = "afterany:<previous job id>"
             continue
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **job_env})
         if res.returncode != 0:
             print(f"mesh-submit: sbatch failed (rc {res.returncode}): {res.stderr.strip()}", file=sys.stderr)
             return 1

@@ -168,3 +168,62 @@ def test_bad_job_file_names_the_key(tmp_path, capsys):
     rc = main(["--job", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown key 'gpus_per_nod'" in err and "did you mean 'gpus_per_node'" in err
+
+
+# --- the MFU a given throughput implies, against the trainer's own peak table -----------------------------------
+
+
+def _mfu(config: str, tokens_per_s: float, peak_tflops: float) -> float:
+    from mesh_megatron.params import flops_per_token
+
+    return tokens_per_s * flops_per_token(ModelConfig.from_yaml(config)) / (peak_tflops * 1e12)
+
+
+def test_an_impossible_throughput_is_refused_with_the_mfu_it_implies(capsys):
+    from pretrain.metrics import PEAK_TFLOPS
+
+    # 21,000 tokens/s per GPU at 6.9B is ~906 TFLOP/s per GPU: ~290% of an A100
+    mfu = _mfu("configs/pythia-6.9b-mesh.yaml", 21000, PEAK_TFLOPS["A100"])
+    assert mfu > 1
+    rc = main(["--job", "slurm/jobs/pythia-6.9b-mesh.yaml", "--tokens-per-sec", "21000", "--gpu", "A100"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and f"= {mfu:.0%} MFU ({PEAK_TFLOPS['A100']:g} TFLOP/s dense bf16 peak: A100): impossible" in err, err
+    assert "if 21,000 is all 128 GPUs together, give 164" in err and "time to train" not in out
+
+
+def test_the_config_peak_is_used_and_an_unknown_gpu_named(tmp_path, capsys):
+    """Without --gpu the peak is the config's logging.peak_tflops, the trainer's own override for its MFU."""
+    import yaml
+
+    job = yaml.safe_load(Path("slurm/jobs/pythia-1.4b-mesh.yaml").read_text())
+    job["overrides"]["logging.peak_tflops"] = 100.0  # below the ~180 TFLOP/s that 20,000 tokens/s at 1.4B needs
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    rc = main(["--job", str(path), "--tokens-per-sec", "20000"])
+    err = capsys.readouterr().err
+    mfu = _mfu("configs/pythia-1.4b-mesh.yaml", 20000, 100.0)
+    assert rc == 2 and f"{mfu:.0%} MFU (100 TFLOP/s dense bf16 peak: logging.peak_tflops): impossible" in err, err
+    rc = main(["--job", "slurm/jobs/pythia-1.4b-mesh.yaml", "--tokens-per-sec", "20000", "--gpu", "B9000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--gpu 'B9000': not in the peak table (H200, H100, A100" in err and "logging.peak_tflops" in err
+
+
+def test_a_throughput_above_the_sane_mfu_warns_and_a_plausible_one_does_not(capsys):
+    from mesh_tools.plan import MFU_WARN
+    from pretrain.metrics import PEAK_TFLOPS
+
+    fastest = max(PEAK_TFLOPS.values())
+    # without --gpu: checked against the fastest GPU known, 21,000 tokens/s at 6.9B is ~92% of it: possible, not sane
+    mfu = _mfu("configs/pythia-6.9b-mesh.yaml", 21000, fastest)
+    assert MFU_WARN < mfu < 1
+    rc = main(["--job", "slurm/jobs/pythia-6.9b-mesh.yaml", "--tokens-per-sec", "21000"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "mesh-plan: warning: --tokens-per-sec 21000:" in err, err
+    assert f"= {mfu:.0%} MFU ({fastest:g} TFLOP/s dense bf16 peak: H200/H100, the fastest GPU known" in err
+    assert f"({mfu:.0%} MFU at {fastest:g} TFLOP/s peak)" in out and "time to train" in out
+    # 20,000 tokens/s at 1.4B on an H100 is ~18%: said in the time-to-train line, no warning
+    mfu = _mfu("configs/pythia-1.4b-mesh.yaml", 20000, PEAK_TFLOPS["H100"])
+    assert mfu < MFU_WARN
+    rc = main(["--job", "slurm/jobs/pythia-1.4b-mesh.yaml", "--tokens-per-sec", "20000", "--gpu", "NVIDIA H100 80GB HBM3"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "warning" not in err and f"({mfu:.0%} MFU at {PEAK_TFLOPS['H100']:g} TFLOP/s peak)" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,3 +110,93 @@ def test_srun_and_torchrun_rank_variables_are_taken_as_launched(monkeypatch):
                 TORCHELASTIC_RUN_ID="abc", MASTER_ADDR="node1")
     env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("9", "16")
+
+
+# --- submission checks: data, the job's python, the interpreter passed on (nothing queued when one fails) ------------
+
+TINY = str(ROOT / "configs" / "tiny-mesh.yaml")
+
+
+def _tiny_submit(*extra_args: str, data: str = "[data/x]") -> list[str]:
+    return ["--config", TINY, "--nodes", "1", "--gpus-per-node", "0", "--log-dir", "logs", *extra_args,
+            "--", "--data.paths", data]
+
+
+def _prefix(d: Path, name: str = "data/x", exts=(".bin", ".idx")) -> None:
+    (d / name).parent.mkdir(parents=True, exist_ok=True)
+    for ext in exts:
+        (d / (name + ext)).write_bytes(b"")
+
+
+@pytest.fixture()
+def no_sbatch(monkeypatch):
+    """Only the venv's bin on PATH: a check that regressed cannot queue a real job on a developer's cluster (sbatch
+    is then simply not found)."""
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    monkeypatch.delenv("MESH_PYTHON", raising=False)
+
+
+def test_submit_refuses_a_missing_data_file_before_sbatch(tmp_path, monkeypatch, capsys, no_sbatch):
+    tmp_path = tmp_path.resolve()  # compared with the cwd-based paths in the messages
+    monkeypatch.chdir(tmp_path)
+    _prefix(tmp_path, exts=(".bin",))  # the .idx is missing
+    rc = submit_main(_tiny_submit())
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert f"data.paths: no {tmp_path}/data/x.idx (relative to the job's working directory {tmp_path})" in err
+    assert "mesh-data tokenize" in err and "nothing submitted" in err
+    assert "submitted job" not in out and not (tmp_path / "logs").exists()  # not even the log directory
+
+
+def test_submit_resolves_relative_data_paths_where_the_job_runs(tmp_path, monkeypatch, capsys):
+    tmp_path = tmp_path.resolve()
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    _prefix(here)
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    assert submit_main(_tiny_submit("--dry-run")) == 0
+    assert "would not submit" not in capsys.readouterr().err
+    # the same relative prefix submitted from another directory: the job would not find it
+    monkeypatch.chdir(elsewhere)
+    assert submit_main(_tiny_submit("--dry-run")) == 0
+    err = capsys.readouterr().err
+    assert f"would not submit: data.paths: no {elsewhere}/data/x.bin, {elsewhere}/data/x.idx" in err
+    # ... unless the job is told to run where the data is
+    assert submit_main(_tiny_submit("--dry-run", f"--sbatch-arg=--chdir={here}")) == 0
+    assert "would not submit" not in capsys.readouterr().err
+    # validation / test sets are checked too
+    monkeypatch.chdir(here)
+    assert submit_main(_tiny_submit("--dry-run") + ["--data.test_paths", "[data/t]"]) == 0
+    assert f"data.test_paths: no {here}/data/t.bin, {here}/data/t.idx" in capsys.readouterr().err
+
+
+def test_submit_passes_its_own_python_to_the_job_unless_mesh_python_is_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MESH_PYTHON", raising=False)
+    assert submit_main(["slurm/jobs/pythia-160m-mesh.yaml", "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("would run: ")]
+    assert lines and lines[0].startswith(f"would run: MESH_PYTHON={shlex.quote(sys.executable)} sbatch "), lines
+    # an explicit MESH_PYTHON (here the venv's other name for the same interpreter) is the one checked and passed on
+    other = next((str(p) for p in sorted(Path(sys.executable).parent.glob("python3*")) if str(p) != sys.executable), None)
+    assert other is not None, "a venv has python3 beside python"
+    monkeypatch.setenv("MESH_PYTHON", other)
+    assert submit_main(["slurm/jobs/pythia-160m-mesh.yaml", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert f"would run: MESH_PYTHON={shlex.quote(other)} sbatch " in out and "MESH_PYTHON" not in err
+
+
+def test_submit_refuses_a_python_without_the_training_stack(tmp_path, monkeypatch, capsys, no_sbatch):
+    """A real interpreter without the packages (a bare venv), as a job started with the wrong python would get."""
+    tmp_path = tmp_path.resolve()
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, capture_output=True, timeout=120)
+    monkeypatch.chdir(tmp_path)
+    _prefix(tmp_path)
+    monkeypatch.setenv("MESH_PYTHON", str(bare / "bin" / "python"))
+    rc = submit_main(_tiny_submit())
+    err = capsys.readouterr().err
+    assert rc == 2 and f"MESH_PYTHON={bare}/bin/python: cannot import torch, deepspeed, megatron.core" in err, err
+    assert "nothing submitted" in err and not (tmp_path / "logs").exists()
+    monkeypatch.setenv("MESH_PYTHON", str(tmp_path / "no-such-python"))
+    rc = submit_main(_tiny_submit())
+    err = capsys.readouterr().err
+    assert rc == 2 and f"MESH_PYTHON={tmp_path}/no-such-python: not an executable python" in err, err
