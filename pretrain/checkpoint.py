@@ -17,10 +17,17 @@ Layout (documented in docs/checkpoints.md):
 All ranks write into `.tmp-<tag>`; after a barrier rank 0 writes the metadata and COMPLETE and renames the directory
 to `<tag>` (one atomic rename), then updates `latest` (temp file + os.replace). A kill -9 at any point before the
 rename leaves only a `.tmp-*` directory, so the previous checkpoint stays the latest complete one.
+
+Nothing non-finite is ever committed: before writing, every rank checks its own weights and optimizer state (ZeRO
+partitions included) and the ranks agree in one all-reduce; a save that fails while writing (disk full, any OSError)
+is abandoned the same way on every rank (temp directory removed, `latest` untouched, one-line `CheckpointError`).
+Loading checks the same state after DeepSpeed has read it: a non-finite checkpoint (written before these checks, or
+corrupted since) is moved aside as `<tag>.nonfinite` and, under `--resume auto`, the previous complete one is loaded.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -39,6 +46,11 @@ import yaml
 from mesh_megatron.config import ConfigError
 
 TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that was not written (non-finite state, disk full) or cannot be used. A ConfigError, so the CLI
+    prints it as one line and exits 2; the previous complete checkpoint is untouched."""
 
 
 @dataclass
@@ -141,19 +153,130 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a full disk must not leave temp files behind
+        raise
+
+
+# --- finiteness of the training state -----------------------------------------------------------------
+
+
+def _state_tensors(engine):
+    """(description, tensor) for everything this rank writes to / reads from a checkpoint: its module weights (under
+    ZeRO-3 its own partition), and the optimizer's master weights and moments (its ZeRO partition at ZeRO >= 1)."""
+    names = {}
+    for name, p in engine.module.named_parameters():
+        names[id(p)] = name
+        yield f"weight {name}", p.ds_tensor if hasattr(p, "ds_tensor") else p
+    # DeepSpeed's wrappers (ZeRO, bf16) step a plain torch optimizer whose params are the fp32 master partitions.
+    opt = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    tensors = [(f"param group {gi} partition {pi}", p) for gi, g in enumerate(opt.param_groups)
+               for pi, p in enumerate(g["params"])]
+    listed = {id(p) for _, p in tensors}
+    # ZeRO-3 puts its fp32 partitions into the param groups only while it steps; they stay the keys of the state.
+    tensors += [(f"partition {i}", p) for i, p in enumerate(opt.state) if id(p) not in listed]
+    for what, p in tensors:
+        what = names.get(id(p), what)
+        if id(p) not in names:
+            yield f"fp32 master weights ({what})", p
+        for key, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                yield f"optimizer {key} ({what})", v
+
+
+def nonfinite_state(engine) -> str | None:
+    """Not collective. The first tensor of this rank's training state holding a NaN or inf (its description), or
+    None. One host sync: a float64 sum per tensor (finite bf16/fp32 values cannot overflow it; a NaN or inf makes it
+    non-finite), all sums checked at once."""
+    items = [(what, t) for what, t in _state_tensors(engine) if t.numel()]
+    if not items:
+        return None
+    sums = torch.stack([t.detach().sum(dtype=torch.float64).to(items[0][1].device) for _, t in items])
+    if torch.isfinite(sums.sum()).item():
+        return None
+    return items[int((~torch.isfinite(sums)).nonzero()[0, 0])][0]
+
+
+def _any_rank(*flags: bool) -> list[bool]:
+    """Collective: each flag true on every rank if it is true on any rank (one MAX all-reduce)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
+
+
+def _per_rank(note: str | None) -> str:
+    """Collective: the ranks' notes joined as 'rank R: note' (only ranks that have one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return f"rank 0: {note}" if note else ""
+    notes = [None] * dist.get_world_size()
+    dist.all_gather_object(notes, note)
+    return "; ".join(f"rank {r}: {n}" for r, n in enumerate(notes) if n)
+
+
+# --- disk space ---------------------------------------------------------------------------------------
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _space_note(root: Path, needed: int | None) -> str:
+    """'N free, M needed' for the filesystem of `root` (free inodes too when they ran out)."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return "free space unknown"
+    note = f"{_fmt_bytes(st.f_bavail * st.f_frsize)} free"
+    if st.f_files and st.f_favail == 0:
+        note += ", no free inodes"
+    if needed:
+        note += f", about {_fmt_bytes(needed)} ({needed:,} bytes) needed, the size of the previous checkpoint"
+    return note
+
+
+def _out_of_space(e: BaseException, root: Path, needed: int | None) -> bool:
+    """Whether a failed write ran out of space. torch.save reports it from C++ as a RuntimeError without errno
+    ('basic_ios::clear: iostream error', 'file write failed'), so the filesystem itself is asked as well."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    free = st.f_bavail * st.f_frsize
+    return (st.f_files and st.f_favail == 0) or free < max(needed or 0, 1 << 20)
 
 
 # --- save / load --------------------------------------------------------------------------------------
 
 
 def save(engine, cfg, state: TrainerState, root: Path) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    Raises CheckpointError on every rank, having written nothing that could be resumed from, when any rank's weights
+    or optimizer state hold a NaN/inf, when the filesystem lacks the space the previous checkpoint took, or when a
+    write fails (disk full, any OSError); the temp directory is removed and the previous checkpoint stays latest."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -161,32 +284,100 @@ def save(engine, cfg, state: TrainerState, root: Path) -> Path:
     tmp_tag = f".tmp-{tag}"
     tmp = root / tmp_tag
     final = root / tag
+    previous = latest_checkpoint(root)
+    needed, short = None, False
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-    dist.barrier()
+        # The next checkpoint is as large as the previous one (same model, layout and files).
+        needed = dir_bytes(previous) if previous is not None else None
+        short = needed is not None and shutil.disk_usage(root).free < needed
+    bad = nonfinite_state(engine)
+    # Also the barrier that keeps the other ranks from writing before rank 0 has cleared the temp directory.
+    any_bad, any_short = _any_rank(bad is not None, short)
+    keep = f"nothing was written; the latest complete checkpoint stays {previous.name if previous else '(none)'}"
+    if any_bad:
+        raise CheckpointError(
+            f"{root}: not saving {tag}: non-finite values in the training state ({_per_rank(bad)}); {keep}. The run "
+            "diverged: lower train.lr or check the data, and resume with --resume auto"
+        )
+    if any_short:
+        raise CheckpointError(
+            f"{root}: not saving {tag}: No space left on device ({_space_note(root, needed)}); {keep}. Free space "
+            "there or set checkpoint.dir to a larger filesystem, then resume with --resume auto"
+        )
     state.saved_at = time.time()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"trainer_state": asdict(state)}, save_latest=False)
-    (tmp / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
-    dist.barrier()
+    failed: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"trainer_state": asdict(state)}, save_latest=False)
+    except Exception as e:  # OSError, or torch's C++ writer's RuntimeError
+        failed = e
+        # DeepSpeed's writes come after its own collectives, before its closing barrier: meet the others there.
+        dist.barrier()
+    if failed is None:
+        try:
+            (tmp / "rng").mkdir(parents=True, exist_ok=True)
+            torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+        except Exception as e:
+            failed = e
+    _give_up_if_failed(failed, root, tmp, tag, previous, needed)
+    committed = False
     if rank == 0:
-        write_atomic(tmp / "run_config.yaml", cfg.to_yaml())
-        write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2))
-        write_atomic(tmp / "COMPLETE", f"{tag}\n")
-        _fault_injection_pause(state.step)
-        if final.exists():  # re-saving the same step (e.g. end of a run that just saved): swap atomically
-            old = root / f".old-{tag}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        write_atomic(root / "latest", f"{tag}\n")
-        prune(root, cfg.checkpoint.keep_last)
-    dist.barrier()
+        try:
+            write_atomic(tmp / "run_config.yaml", cfg.to_yaml())
+            write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2))
+            write_atomic(tmp / "COMPLETE", f"{tag}\n")
+            _fault_injection_pause(state.step)
+            if final.exists():  # re-saving the same step (e.g. end of a run that just saved): swap atomically
+                old = root / f".old-{tag}"
+                os.replace(final, old)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    os.replace(old, final)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            committed = True
+            write_atomic(root / "latest", f"{tag}\n")
+        except Exception as e:
+            if not committed:
+                failed = e
+            else:  # `latest` is informational (resume scans for COMPLETE): the checkpoint itself is in place
+                print(f"[pretrain] warning: {final} is complete but {root / 'latest'} was not updated: {e}", flush=True)
+        if committed:
+            try:
+                prune(root, cfg.checkpoint.keep_last)
+            except OSError as e:  # only rank 0 is here: it must still reach the collective below
+                print(f"[pretrain] warning: could not prune old checkpoints in {root}: {e}", flush=True)
+    _give_up_if_failed(failed, root, tmp, tag, previous, needed)  # also the barrier after the commit
     return final
+
+
+def _give_up_if_failed(failed: BaseException | None, root: Path, tmp: Path, tag: str, previous: Path | None,
+                       needed: int | None) -> None:
+    """Collective: if a write failed on any rank, remove the temp directory and raise CheckpointError everywhere."""
+    import torch.distributed as dist
+
+    if not _any_rank(failed is not None)[0]:
+        return
+    note = None
+    if failed is not None:
+        full = _out_of_space(failed, root, needed)
+        note = (f"No space left on device ({_space_note(root, needed)})" if full
+                else f"{type(failed).__name__}: {str(failed).strip().splitlines()[-1] if str(failed).strip() else ''}")
+    where = _per_rank(note)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    fix = ("Free space on that filesystem or set checkpoint.dir elsewhere" if "No space left on device" in where
+           else "Fix that, or set checkpoint.dir elsewhere")
+    raise CheckpointError(
+        f"{tmp}: could not write checkpoint {tag} ({where}); removed it, the latest complete checkpoint stays "
+        f"{previous.name if previous else '(none)'}. {fix}, then resume with --resume auto"
+    )
 
 
 _signal_seen = False
@@ -266,7 +457,64 @@ def check_compatible(path: Path, cfg, dp_size: int) -> TrainerState:
 
 
 def load(engine, path: Path, cfg, dp_size: int) -> TrainerState:
-    """Collective. Restores model, optimizer, scheduler, this rank's RNG and returns the trainer state."""
+    """Collective. Restores model, optimizer, scheduler, this rank's RNG and returns the trainer state (of the
+    checkpoint actually loaded: see `load_finite`)."""
+    return load_finite(engine, path, cfg, dp_size)[0]
+
+
+def load_finite(engine, path: Path, cfg, dp_size: int) -> tuple[TrainerState, Path]:
+    """Collective. Loads `path`, then every rank checks the state it now holds for NaN/inf (one all-reduce), which
+    catches checkpoints written before saves were checked and ones corrupted since, at no extra read.
+
+    A non-finite checkpoint is moved aside to `<tag>.nonfinite` (so neither `--resume auto` nor keep_last counts it
+    again). Under `--resume auto` (or a checkpoint root) the previous complete checkpoint is loaded instead, with a
+    message; a checkpoint named explicitly is refused. Returns (trainer state, checkpoint loaded)."""
+    import torch.distributed as dist
+
+    explicit = is_complete(Path(cfg.checkpoint.resume))
+    while True:
+        state = _load_one(engine, path, cfg, dp_size)
+        bad = nonfinite_state(engine)
+        if not _any_rank(bad is not None)[0]:
+            return state, path
+        where = _per_rank(bad)
+        earlier = [p for p in complete_checkpoints(path.parent) if _step_of(p) < _step_of(path)]
+        if explicit:
+            hint = f"resume from {earlier[-1]} (or --resume auto)" if earlier else "start from scratch (--resume none)"
+            raise CheckpointError(f"{path}: non-finite values in this checkpoint's training state ({where}); it cannot "
+                                  f"be resumed from: {hint}")
+        moved = [None]
+        if dist.get_rank() == 0:
+            moved[0] = _move_aside(path)
+            if earlier:
+                write_atomic(path.parent / "latest", f"{earlier[-1].name}\n")
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(moved, src=0)
+        if not earlier:
+            raise CheckpointError(f"{path}: non-finite values in this checkpoint's training state ({where}); moved it "
+                                  f"to {moved[0]}, and {path.parent} has no earlier complete checkpoint: run again "
+                                  "to start from scratch")
+        if dist.get_rank() == 0:
+            print(f"[pretrain] {path}: non-finite values in the loaded training state ({where}); not resuming from "
+                  f"it: moved it to {moved[0]}, loading {earlier[-1].name} instead", flush=True)
+        path = earlier[-1]
+
+
+def _step_of(path: Path) -> int:
+    return int(TAG_RE.match(path.name).group(1))
+
+
+def _move_aside(path: Path) -> Path:
+    """Rank 0: rename a refused checkpoint out of the step_* namespace (kept for inspection, never resumed from)."""
+    target, n = path.with_name(f"{path.name}.nonfinite"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.nonfinite-{n}")
+    os.replace(path, target)
+    return target
+
+
+def _load_one(engine, path: Path, cfg, dp_size: int) -> TrainerState:
     import torch.distributed as dist
 
     state = check_compatible(path, cfg, dp_size)

@@ -25,7 +25,14 @@ launch:
 preemption:
   SIGTERM or SIGUSR1 -> the current step finishes, a checkpoint is saved, the process exits 0.
   Restart with --resume auto to continue from the latest complete checkpoint.
+
+errors:
+  A mistake in the config, the launch or the run directory (e.g. tensor_parallel_size vs the number of processes,
+  a second run on a directory another run holds) is one line on stderr and exit code 2; --debug shows the traceback.
 """
+
+# Errors that are the user's to fix: printed as one line, exit 2 (--debug re-raises them with their traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 
 def split_overrides(rest: list[str]) -> dict[str, str]:
@@ -67,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit without training")
     ap.add_argument("--list-options", action="store_true",
                     help="list every --section.key override with its type and default, then exit (--config not needed)")
+    ap.add_argument("--debug", action="store_true",
+                    help="on a one-line error (exit 2), raise it instead, with its traceback")
     return ap
 
 
@@ -92,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume is not None:
             overrides["checkpoint.resume"] = args.resume
         cfg = load_run_config(args.config, overrides)
-    except ConfigError as e:
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
         print(f"mesh-pretrain: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -107,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         # resets its own handlers to the default action during interpreter shutdown, so ignore them instead.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
-    except ConfigError as e:
-        print(f"mesh-pretrain: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"mesh-pretrain: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         from pretrain.distributed import destroy_parallel

@@ -68,6 +68,12 @@ class TrainConfig:
     log_interval: int = 10  # steps between console lines
     check_replicated_interval: int = 0  # >0: assert TP-replicated params are identical every N steps (debug)
     exit_at_step: int | None = None  # save a checkpoint and stop after this step, as if preempted (chunked runs, tests)
+    # Numerical guard: a step whose loss or grad-norm is NaN/inf. skip: no update (weights, optimizer state and LR
+    # schedule unchanged; its batch is consumed, not retried) | stop: end the run at the first one (exit 2).
+    nonfinite_action: str = "skip"
+    max_nonfinite_steps: int = 5  # this many non-finite steps in a row end the run (exit 2), whatever the action
+    loss_spike_factor: float = 2.0  # warn (console, metrics.jsonl, wandb) when a loss exceeds this x the running mean; 0 = off
+    loss_spike_window: int = 100  # steps in that running mean (finite losses only)
 
     def validate(self) -> None:
         for f in ("train_iters", "micro_batch_size", "global_batch_size", "eval_iters", "log_interval"):
@@ -81,6 +87,14 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision: '{self.precision}' not in (auto, bf16, fp32){closest(self.precision, ['auto', 'bf16', 'fp32'])}")
+        if self.nonfinite_action not in ("skip", "stop"):
+            raise ConfigError(f"train.nonfinite_action: '{self.nonfinite_action}' not in (skip, stop){closest(self.nonfinite_action, ['skip', 'stop'])}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
+        if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
+            raise ConfigError(f"train.loss_spike_factor: must be > 1 (or 0 = off), got {self.loss_spike_factor}")
+        if self.loss_spike_window < 1:
+            raise ConfigError(f"train.loss_spike_window: must be >= 1, got {self.loss_spike_window}")
         if any(k < 1 for k in self.eval_num_loops):
             raise ConfigError(f"train.eval_num_loops: loop counts must be >= 1, got {self.eval_num_loops}")
         if self.global_batch_size % self.micro_batch_size:

@@ -12,7 +12,6 @@ train_iters or the global batch changes the order (as in Megatron / GPT-NeoX).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from mesh_megatron.config import ConfigError
 from pretrain.config import RunConfig
+from pretrain.data_checks import check_prefixes, read_meta  # noqa: F401  (read_meta: part of this module's API)
 
 
 @dataclass
@@ -38,27 +38,6 @@ class DatasetTokenizer:
     @property
     def unique_identifiers(self) -> dict:  # part of megatron-core's index-cache key
         return {"class": "DatasetTokenizer", "vocab_size": self.vocab_size, "eod": self.eod}
-
-
-def read_meta(prefix: str) -> dict | None:
-    """PREFIX.meta.json written by data_tools (tokenizer kind/path/vocab/eod), if present."""
-    p = Path(prefix + ".meta.json")
-    if not p.exists():
-        return None
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON ({e}); re-run the tokenizer for this prefix") from None
-    tok = meta.get("tokenizer", meta)
-    return {"vocab_size": tok.get("vocab_size"), "eod_id": tok.get("eod_id"), "raw": meta}
-
-
-def check_prefixes(paths: list[str], field: str) -> None:
-    for prefix in paths:
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).exists():
-                hint = " (pass the prefix without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
-                raise ConfigError(f"{field}: dataset '{prefix}' has no {prefix + ext}{hint}; tokenize it with data_tools first")
 
 
 def dataset_tokenizer(cfg: RunConfig) -> DatasetTokenizer:

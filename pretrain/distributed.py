@@ -19,31 +19,65 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
+from mesh_megatron.config import ConfigError
 from pretrain.launcher import env_for_single_process, env_from_slurm
 
 
-def initialize_parallel(tensor_parallel_size: int = 1, backend: str | None = None, timeout_s: int = 600) -> None:
+def initialize_parallel(tensor_parallel_size: int = 1, backend: str | None = None, timeout_s: int = 600,
+                        announce: bool = False) -> None:
     """Initialise torch.distributed (if needed) and megatron-core's TP/DP groups.
 
     A lone process without launcher variables gets a one-process group, so the same code path runs everywhere.
+    Layout and launch mistakes are ConfigErrors (one line, exit 2 in the CLIs). `announce`: rank 0 prints what it is
+    about to wait on (the rendezvous blocks until every rank has joined, up to timeout_s).
     """
     if not dist.is_initialized():
         env_from_slurm()
         if "RANK" not in os.environ:
             env_for_single_process()
+        # Checked before the rendezvous: a wrong layout is reported in the first second, by every rank alike.
+        check_layout(int(os.environ.get("WORLD_SIZE", "1")), tensor_parallel_size)
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("parallel.backend: nccl needs a CUDA GPU and none is visible to this process; "
+                              "use --parallel.backend auto (gloo on CPU)")
+        if announce and os.environ.get("RANK", "0") == "0":
+            n = int(os.environ.get("WORLD_SIZE", "1"))
+            print(f"[pretrain] setup: joining the process group ({n} process{'es' if n > 1 else ''}, "
+                  f"{backend}, rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
+                  f"timeout {timeout_s}s) ...", flush=True)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    world = dist.get_world_size()
-    if world % tensor_parallel_size:
-        raise ValueError(f"world size {world} is not divisible by tensor_parallel_size {tensor_parallel_size}")
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+                raise
+            raise ConfigError(
+                f"MASTER_PORT {os.environ.get('MASTER_PORT')}: the rendezvous port on {os.environ.get('MASTER_ADDR')} is "
+                "already in use (another job on this node?); set MASTER_PORT to a free port"
+            ) from None
+    check_layout(dist.get_world_size(), tensor_parallel_size)
     if ps.model_parallel_is_initialized():
         if ps.get_tensor_model_parallel_world_size() != tensor_parallel_size:
             raise RuntimeError("parallel_state already initialised with a different tensor parallel size; call destroy_parallel() first")
         return
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+
+
+def check_layout(world: int, tensor_parallel_size: int) -> None:
+    """Tensor parallelism splits the world into groups of tensor_parallel_size processes: it must divide it."""
+    if world % tensor_parallel_size == 0:
+        return
+    if tensor_parallel_size > world:
+        why = f"is larger than the {world} process{'es' if world > 1 else ''} launched"
+    else:
+        why = f"does not divide the {world} processes launched"
+    raise ConfigError(
+        f"parallel.tensor_parallel_size: {tensor_parallel_size} {why}; launch a multiple of {tensor_parallel_size} "
+        f"processes (torchrun --nproc_per_node, srun --ntasks) or lower parallel.tensor_parallel_size"
+    )
 
 
 def destroy_parallel() -> None:
@@ -67,16 +101,40 @@ def set_seed(seed: int) -> None:
 
 
 def setup(tensor_parallel_size: int, backend: str = "auto", timeout_s: int = 1800) -> None:
-    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and the TP/DP groups; idempotent, and re-creates the
-    megatron-core groups when a different TP size is asked for in the same processes (tests run several layouts)."""
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and the TP/DP groups, then DeepSpeed's comm layer;
+    idempotent. The trainer calls the two halves itself, to take the run-directory lock in between."""
+    setup_groups(tensor_parallel_size, backend, timeout_s)
+    setup_deepspeed()
+
+
+def setup_groups(tensor_parallel_size: int, backend: str = "auto", timeout_s: int = 1800, announce: bool = False) -> None:
+    """torch.distributed and the megatron-core TP/DP groups (cheap: no DeepSpeed yet). Re-creates the megatron-core
+    groups when a different TP size is asked for in the same processes (tests run several layouts)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed must not probe for CUDA on a CPU box
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != tensor_parallel_size:
         ps.destroy_model_parallel()
-    initialize_parallel(tensor_parallel_size, backend=None if backend == "auto" else backend, timeout_s=timeout_s)
-    import deepspeed
+    initialize_parallel(tensor_parallel_size, backend=None if backend == "auto" else backend, timeout_s=timeout_s,
+                        announce=announce)
 
-    # Registers the existing process group with DeepSpeed's comm layer (no new group is created).
+
+def setup_deepspeed() -> None:
+    """Import DeepSpeed and register the existing process group with its comm layer (no new group is created).
+
+    Nothing is compiled: on the CPU accelerator DeepSpeed's comm layer would otherwise build its shared-memory op
+    (deepspeed_shm_comm) just in time, with torch.utils.cpp_extension into ~/.cache/torch_extensions. That build takes
+    minutes, is redone whenever another environment sharing the cache built it differently, and waits forever on the
+    lock file of a build that was killed. The op serves only DeepSpeed's inference all-reduce, never training, so it
+    is marked unavailable in the table DeepSpeed consults before building it (the CUDA accelerator has no such op).
+    """
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().get_op_builder("ShareMemCommBuilder") is not None:  # the table is probed on first use: CPU only
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 

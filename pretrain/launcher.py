@@ -38,7 +38,7 @@ def env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("MASTER_PORT", "29500")
     if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError(
+        raise ConfigError(  # one line, exit 2
             "launched by srun without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) "
             "in the sbatch script (see slurm/)"
         )

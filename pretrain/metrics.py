@@ -9,6 +9,7 @@ Peaks are dense bf16 numbers (never "with sparsity"); on CPU there is no meaning
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -55,8 +56,28 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class _WandbSocketNoise(logging.Filter):
+    """asyncio logs "socket.send() raised exception." for each write wandb makes after its service process is gone;
+    Metrics reports that once, in its own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "socket.send() raised exception."
+
+
+def _quiet_wandb_socket_noise() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _WandbSocketNoise) for f in log.filters):
+        log.addFilter(_WandbSocketNoise())
+
+
 class Metrics:
-    """Collects per-step numbers and writes them to console / JSONL / wandb on rank 0."""
+    """Collects per-step numbers and writes them to console / JSONL / wandb on rank 0.
+
+    wandb is best effort: its service (`wandb-core`) is a separate process, and a job's SIGTERM (Slurm's scancel or
+    preemption signals every process of the step) stops it at once; a Go program cannot be told to ignore SIGTERM.
+    The first wandb call that fails is reported in one line, wandb is off for the rest of the run, and training, the
+    checkpoint and the exit code go on as if it had been disabled (metrics.jsonl keeps every record).
+    """
 
     def __init__(self, cfg, rank: int, run_dir: Path, resume_wandb_id: str | None = None):
         self.cfg = cfg
@@ -81,6 +102,7 @@ class Metrics:
                     mode=wb.mode, dir=str(run_dir), config=cfg.to_dict(), id=resume_wandb_id, resume="allow",
                 )
                 self.wandb_id = self.wandb.id
+                _quiet_wandb_socket_noise()
             except Exception as e:  # logging must never kill a training run
                 print(f"[metrics] wandb disabled: {type(e).__name__}: {e}", file=sys.stderr)
                 self.wandb = None
@@ -92,14 +114,44 @@ class Metrics:
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=record.get("step"))
+            try:
+                self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                               step=record.get("step"))
+            except Exception as e:  # e.g. ConnectionResetError: the service got the job's SIGTERM
+                self._drop_wandb("log", e, finish=True)
         if console:
             print(console, flush=True)
 
+    def _drop_wandb(self, what: str, err: BaseException, finish: bool) -> None:
+        """One warning line; then release wandb's broken connection quietly, so that neither a later call nor wandb's
+        own exit hook (a traceback at interpreter exit) reports it again."""
+        run, self.wandb = self.wandb, None
+        kept = "metrics.jsonl has every record" if self.cfg.logging.jsonl else "the console has the step lines"
+        print(f"[metrics] warning: wandb {what} failed ({type(err).__name__}: {err}); wandb is off for the rest of "
+              f"this run, {kept} (a job's SIGTERM also stops wandb's service process)", file=sys.stderr, flush=True)
+        import wandb
+
+        for release in ([run.finish] if finish else []) + [wandb.teardown]:
+            try:
+                release()
+            except (Exception, SystemExit):  # teardown sys.exit()s with the service's code (-15 after a SIGTERM)
+                pass
+
     def close(self) -> None:
+        """Never raises: it runs after the last checkpoint, and closing a logger must not turn a saved, clean stop
+        into a failure."""
         if not self.enabled:
             return
         if self.jsonl:
-            self.jsonl.close()
+            try:
+                self.jsonl.close()
+            except OSError as e:
+                print(f"[metrics] warning: closing {self.jsonl_path} failed ({e}); it holds every record up to the "
+                      "last complete line", file=sys.stderr, flush=True)
+            self.jsonl = None
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+                self.wandb = None
+            except Exception as e:
+                self._drop_wandb("finish", e, finish=False)

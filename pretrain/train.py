@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+from collections import deque
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mesh_megatron.config import ConfigError
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as pd
 from pretrain.config import RunConfig
@@ -137,6 +139,52 @@ def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int, num_lo
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(total[1].item())}
 
 
+class TrainingDiverged(ConfigError):
+    """The numerical guard stopped the run (one line from the CLI, exit 2); no checkpoint is written for it."""
+
+
+class NumericsGuard:
+    """The numerical guard's bookkeeping, on host floats every rank already holds identically (the DP-mean loss and
+    the global grad-norm), so all ranks reach the same verdict without a collective or an extra device sync."""
+
+    def __init__(self, t) -> None:
+        self.t = t
+        self.in_a_row = 0  # non-finite steps in a row
+        self.first_bad = 0  # the first step of that run of bad steps
+        self.recent: deque[float] = deque(maxlen=t.loss_spike_window)  # finite losses, for the spike detector
+
+    def observe(self, step: int, loss: float, grad_norm: float | None) -> tuple[bool, float | None]:
+        """(non-finite step?, running mean the loss spiked above or None). grad_norm None: not reported."""
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            self.in_a_row += 1
+            if self.in_a_row == 1:
+                self.first_bad = step
+            return True, None
+        self.in_a_row = 0
+        spiked = None
+        if self.t.loss_spike_factor and self.recent:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.t.loss_spike_factor * mean:
+                spiked = mean
+        self.recent.append(loss)  # spikes too: a lasting new level must stop warning after a while
+        return False, spiked
+
+    def verdict(self, step: int, loss: float, grad_norm: float, lr: float, update_skipped: bool) -> str | None:
+        """The one-line reason to stop the run after this (non-finite) step, or None."""
+        t = self.t
+        fix = (f"lower train.lr (peak {t.lr:g}) or check the data, then resume from the latest checkpoint with "
+               "--resume auto")
+        if t.nonfinite_action == "stop":
+            return (f"train.nonfinite_action stop: step {step} has loss {loss:.6g} and grad-norm {grad_norm:.6g} (lr "
+                    f"{lr:.3e}); stopping at step {step} (its update {'was skipped' if update_skipped else 'was applied'}"
+                    f", no checkpoint written); {fix}")
+        if self.in_a_row >= t.max_nonfinite_steps:
+            return (f"train.max_nonfinite_steps: steps {self.first_bad}-{step} all had a non-finite loss or grad-norm "
+                    f"({self.in_a_row} in a row; step {step}: loss {loss:.6g}, grad-norm {grad_norm:.6g}, lr {lr:.3e}); "
+                    f"stopping at step {step} (no checkpoint written); {fix}")
+        return None
+
+
 class Trainer:
     """One run, as the steps `train` calls in order. Every method is collective (all ranks call it, and make the same
     all-reduces and barriers in the same order) unless its docstring says otherwise."""
@@ -155,24 +203,48 @@ class Trainer:
 
     def setup(self) -> None:
         """Process groups, the run directory, and the checkpoint to resume from (checked before anything is built)."""
+        from mesh_megatron.config import ConfigError
+        from pretrain import run_lock
+
         cfg = self.cfg
+        from pretrain.data_checks import check_data
+
+        t_check = time.time()
+        check_data(cfg)  # first: bad or missing data fails in seconds, the same way on every rank (no groups yet)
+        self.phases["data_check"] = time.time() - t_check
         t_setup = time.time()
         if not torch.cuda.is_available():
             from pretrain.cpu_malloc import keep_heap_on_cpu
 
             keep_heap_on_cpu()  # glibc would otherwise unmap and page-fault the activations in again every step
-        pd.setup(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s)
+        pd.setup_groups(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s, announce=True)
         self.phases["distributed"] = time.time() - t_setup
+        self.rank, self.world = pd.rank(), pd.world_size()
+        self.is_main = self.rank == 0
+        # One run per directory, decided before anything is built or written. Rank 0 takes the lock (the process
+        # groups exist, so it can tell the others); every rank learns the outcome from one all-reduce and stops with
+        # the same error, so none is left waiting in a collective.
+        self.run_lock, refused = None, None
+        if self.is_main:
+            try:
+                self.run_lock = run_lock.lock_dirs([self.run_dir, self.root])
+            except ConfigError as e:
+                refused = e
+        if pd.any_rank(refused is not None):
+            raise refused or run_lock.RunDirLocked(f"{self.run_dir}: rank 0 could not lock the run directory (its "
+                                                   "message says why)")
+        t_phase = time.time()
+        if self.is_main:
+            print("[pretrain] setup: importing DeepSpeed and megatron-core ...", flush=True)
+        pd.setup_deepspeed()
         # Lazy (start-up time), and here: once the process groups exist and before the seed is set. build() and
         # open_logs() take their names from these modules.
-        import deepspeed  # noqa: F401
         import mesh_megatron.model  # noqa: F401
         import mesh_megatron.params  # noqa: F401
 
+        self.phases["imports"] = time.time() - t_phase
         _quiet_libraries()
-        self.rank, self.world = pd.rank(), pd.world_size()
         self.dp_rank, self.dp_size, self.tp_size = pd.dp_rank(), pd.dp_size(), pd.tp_size()
-        self.is_main = self.rank == 0
         self.precision = resolve_precision(cfg)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,9 +290,9 @@ class Trainer:
             tensor_parallel_size=self.tp_size, data_parallel_size=self.dp_size, zero_stage=cfg.parallel.zero_stage,
             global_batch_size=t.global_batch_size, train_iters=t.train_iters, precision=self.precision,
         )
-        self.last_ckpt = resume_from
         if resume_from is not None:
-            self.state = ckpt.load(self.engine, resume_from, cfg, self.dp_size)
+            # a non-finite checkpoint is set aside and (under --resume auto) the previous one loaded instead
+            self.state, resume_from = ckpt.load_finite(self.engine, resume_from, cfg, self.dp_size)
             if self.state.train_iters != t.train_iters and self.is_main:
                 print(f"[pretrain] note: train_iters changed {self.state.train_iters} -> {t.train_iters}; the LR "
                       "schedule and the sample order are those of the new value from here on", flush=True)
@@ -230,6 +302,7 @@ class Trainer:
                       f"({self.state.tokens_seen:,} tokens seen)", flush=True)
         elif cfg.checkpoint.resume not in ("none", "auto") and self.is_main:
             print("[pretrain] no checkpoint to resume from; starting from scratch", flush=True)
+        self.last_ckpt = resume_from
 
     def load_data(self) -> None:
         """The train, valid and test datasets (valid / test are None when the split leaves them nothing)."""
@@ -285,33 +358,45 @@ class Trainer:
             if self.stopped_by is None:
                 self.finish()
         finally:
+            # Loggers close after the last checkpoint and still under our handler, so a SIGTERM meanwhile (preemption
+            # at the very end) cannot kill a run whose work is saved; close() never raises (wandb is best effort).
+            self.metrics.close()
             # After a signal-triggered stop (on any rank) keep our handler: the signal may still be on its way to this
             # rank, or be repeated by the launcher (srun, torchrun), and the default action would turn a clean,
             # checkpointed stop into a kill. (The CLI then ignores these signals for the rest of its exit.)
             if not self.signalled:
                 self.stop.restore()
-            self.metrics.close()
 
     def train_step(self) -> tuple[float, float, float, float]:
-        """One optimizer step over this rank's micro-batches; returns (DP-mean loss, lr used, grad norm, seconds)."""
+        """One optimizer step over this rank's micro-batches; returns (DP-mean loss, lr used, grad norm, seconds).
+
+        A non-finite grad-norm skips the update (see NumericsGuard); the step still counts and its batch is consumed,
+        so a bad batch is never retried. log_step reports the step and stops the run when the guard says so."""
         engine, t, state = self.engine, self.t, self.state
         t0 = time.time()
         lr = self.optimizer.param_groups[0]["lr"]
         mb_losses = []
         grad_norm = None
+        skipped_here = False
         batches = train_micro_batches(self.train_ds, state.step, self.cfg, self.dp_rank, self.dp_size)
         for i, b in enumerate(batches):
             loss_tok = engine(input_ids=b["tokens"].to(engine.device), labels=b["labels"].to(engine.device))
             mask = b["loss_mask"].to(engine.device)
             loss = (loss_tok.float() * mask).sum() / mask.sum().clamp_min(1.0)
             engine.backward(loss)
-            if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
+            last = i == len(batches) - 1
+            if last and self.cfg.parallel.zero_stage == 0:
                 grad_norm = pd.grad_norm(engine.module)  # pre-clip; ZeRO-0 does not report it
-            engine.step()
+            if last and grad_norm is not None and not math.isfinite(grad_norm) and self._optimizer_applies_nonfinite():
+                self._skip_update()
+                skipped_here = True
+            else:
+                engine.step()
             mb_losses.append(loss.item())
         loss = _dp_mean(mb_losses, engine.device)
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
+        reported = grad_norm is not None
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         state.step += 1
         state.consumed_samples += t.global_batch_size
@@ -319,14 +404,43 @@ class Trainer:
         self.losses.append(loss)
         dt = time.time() - t0
         self.step_times.append(dt)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {state.step}; lower train.lr or check the data")
+        self.step_nonfinite, self.step_spike = self.guard.observe(state.step, loss, grad_norm if reported else None)
+        self.step_update_skipped = skipped_here or not engine.was_step_applied()
         if t.check_replicated_interval and state.step % t.check_replicated_interval == 0:
             pd.assert_replicated_in_sync(engine.module)
         return loss, lr, grad_norm, dt
 
+    @property
+    def guard(self) -> NumericsGuard:
+        """The numerical guard's state, created with the first step."""
+        if "_guard" not in self.__dict__:
+            self._guard = NumericsGuard(self.t)
+        return self._guard
+
+    def _optimizer_applies_nonfinite(self) -> bool:
+        """Whether DeepSpeed would apply an update with non-finite gradients. Its ZeRO 1-3 and bf16 optimizers detect
+        a non-finite grad-norm themselves and skip (zeroed gradients, no optimizer or LR-schedule step, and
+        get_global_grad_norm() = inf); only ZeRO-0 in fp32 steps the plain torch optimizer, which has no `overflow`."""
+        return not hasattr(self.engine.optimizer, "overflow")
+
+    def _skip_update(self) -> None:
+        """End the accumulation window without an update, with the bookkeeping of DeepSpeed's own skip: gradients
+        dropped, no clipping, optimizer or LR-schedule step, the step counted in global_steps and skipped_steps."""
+        engine = self.engine
+        engine.zero_grad()
+        # Not a boundary: step() only closes the micro-batch, keeping the micro-step count (the next boundary) right.
+        engine.set_gradient_accumulation_boundary(False)
+        try:
+            engine.step()
+        finally:
+            engine.set_gradient_accumulation_boundary(None)
+        engine.global_steps += 1
+        engine.global_samples += engine.train_batch_size()
+        engine.skipped_steps += 1
+
     def log_step(self, loss: float, lr: float, grad_norm: float, dt: float) -> None:
-        """The step's metrics record, with a console line every log_interval steps and at the first and last step."""
+        """The step's metrics record, with a console line every log_interval steps and at the first and last step;
+        the guard's events (non-finite step, loss spike) after it, then TrainingDiverged if the guard stops the run."""
         t, step = self.t, self.state.step
         recent = self.step_times[-10:]
         tps = self.tokens_per_step / (sum(recent) / len(recent))
@@ -346,6 +460,31 @@ class Trainer:
                 f"mem {record['memory_gib']:.2f} GiB | ETA {fmt_eta(eta)}"
             )
         self.metrics.log(record, console=console)
+        if self.step_spike is not None:
+            mean = self.step_spike
+            self.metrics.log(
+                {"event": "loss_spike", "step": step, "spike/loss": loss, "spike/mean": mean, "spike/ratio": loss / mean},
+                console=f"[pretrain] loss spike at step {step}: loss {loss:.4g} is {loss / mean:.3g} x the running mean "
+                f"{mean:.4g} (train.loss_spike_factor {t.loss_spike_factor:g}, window {t.loss_spike_window} steps)",
+            )
+        if self.step_nonfinite:
+            self._log_nonfinite(step, loss, grad_norm, lr)
+
+    def _log_nonfinite(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+        """Report a non-finite step (console, metrics.jsonl, wandb) and raise TrainingDiverged if the run must stop."""
+        guard, skipped = self.guard, self.step_update_skipped
+        self.metrics.log(
+            {"event": "nonfinite", "step": step, "update_skipped": skipped, "nonfinite_in_a_row": guard.in_a_row},
+            console=f"[pretrain] step {step}: loss {loss:.6g}, grad-norm {grad_norm:.6g} (non-finite): "
+            + ("update skipped (weights, optimizer state and LR schedule unchanged; the batch is not retried)"
+               if skipped else "update applied (its gradients were finite)")
+            + ("" if self.t.nonfinite_action == "stop"
+               else f"; {guard.in_a_row} in a row, the run stops at {self.t.max_nonfinite_steps}"),
+        )
+        reason = guard.verdict(step, loss, grad_norm, lr, skipped)
+        if reason is not None:
+            self.metrics.log({"event": "stop", "step": step, "reason": "non-finite"})
+            raise TrainingDiverged(reason)
 
     def run_evals(self, split: str, ds) -> None:
         """Loss on `split`; for recursive / MeSH models also on the same samples at the other loop counts asked for."""
@@ -400,11 +539,22 @@ class Trainer:
             self.save()
 
     def save(self) -> None:
-        """A checkpoint of this step (collective: every rank writes its shards)."""
-        self.last_ckpt = ckpt.save(self.engine, self.cfg, self.state, self.root)
+        """A checkpoint of this step (collective: every rank writes its shards). A save refused or failed on any rank
+        (non-finite state, disk full) raises CheckpointError on every rank, after an event in the metrics."""
+        try:
+            self.last_ckpt = ckpt.save(self.engine, self.cfg, self.state, self.root)
+        except ckpt.CheckpointError as e:
+            self.metrics.log({"event": "checkpoint_failed", "step": self.state.step, "reason": str(e)})
+            raise
         if self.is_main:
             self.metrics.log({"event": "checkpoint", "step": self.state.step, "path": str(self.last_ckpt)},
                              console=f"[pretrain] saved checkpoint {self.last_ckpt}")
+
+    def release(self) -> None:
+        """Let go of the run-directory lock (rank 0), so the next run in this process or another can take it."""
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def summary(self) -> dict[str, Any]:
         """What `train` returns."""
@@ -424,14 +574,17 @@ class Trainer:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) training as configured. Collective over all ranks."""
     trainer = Trainer(cfg)
-    trainer.setup()
-    trainer.build()
-    trainer.restore()
-    trainer.load_data()
-    trainer.open_logs()
-    trainer.announce()
-    trainer.loop()
-    return trainer.summary()
+    try:
+        trainer.setup()
+        trainer.build()
+        trainer.restore()
+        trainer.load_data()
+        trainer.open_logs()
+        trainer.announce()
+        trainer.loop()
+        return trainer.summary()
+    finally:
+        trainer.release()
 
 
 __all__ = ["train", "evaluate", "deepspeed_config", "param_groups"]

@@ -43,6 +43,7 @@ def fresh_job_env(**extra: str) -> dict:
     from pretrain.launcher import LAUNCHER_ENV
 
     repo = Path(__file__).resolve().parents[1]
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    # WANDB_SERVICE: an in-process wandb run leaves pytest's own wandb-core address here; a job must start its own
+    base = {k: v for k, v in os.environ.items() if k not in (*LAUNCHER_ENV, "WANDB_SERVICE")}
     return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
             "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]), **extra}

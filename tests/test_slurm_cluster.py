@@ -188,3 +188,51 @@ def test_pretrain_trains_checkpoints_requeues_and_resumes(cluster):
     assert ckpts[-1] == f"step_{iters:08d}", ckpts
     steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(s for s in steps if s is not None) == iters
+
+
+def test_scancel_with_wandb_offline_saves_exits_0_and_resumes(cluster):
+    """A plain `scancel` (SIGTERM to every process of the job, wandb's service included) with the default wandb
+    offline logging: the ranks save the step they stop at and exit 0, and a resubmission resumes from that step.
+    (Before, rank 0 died in wandb's dead connection: rc 1, no checkpoint.)"""
+    env, d = dict(cluster["env"]), cluster["dir"]
+    env.pop("WANDB_SERVICE", None)  # an in-process wandb run of this session must not become the job's service
+    prefix = str(d / "data" / "small_text_document")
+    if not Path(prefix + ".idx").exists():
+        prefix = _tiny_corpus(d)
+    run_dir, logs = d / "cancel-run", d / "cancel-logs"
+    logs.mkdir(exist_ok=True)
+
+    def submit(*extra: str) -> str:
+        res = _run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--job-name=cancel",
+                    f"--output={logs}/cancel-%j.out", f"--chdir={ROOT}", str(ROOT / "slurm" / "pretrain.sbatch"),
+                    "--config", "configs/demo.yaml", "--data.paths", f"[{prefix}]", "--logging.dir", str(run_dir),
+                    "--train.train_iters", "100000", "--checkpoint.save_interval", "4", "--train.eval_interval", "0",
+                    "--train.log_interval", "1", "--parallel.zero_stage", "1", "--logging.wandb.mode", "offline",
+                    "--data.split", "80,10,10", *extra], 60, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout.strip().split(";")[0]
+
+    first = submit()
+    log1 = logs / f"cancel-{first}.out"
+    wait_for_text(log1, r"saved checkpoint \S*step_00000004", 240)
+    assert _run(["scancel", first], 30, env=env).returncode == 0
+    info1 = wait_job(env, first, 120)
+    # the job is CANCELLED at once; its processes are still saving and exiting (within KillWait)
+    wait_for_text(log1, r"training step exited with rc=\d+", 120)
+    text1 = log1.read_text()
+    assert info1["JobState"] == "CANCELLED", f"{info1}\n{text1}"
+    assert "SIGTERM: ranks are saving a checkpoint" in text1, text1
+    assert "training step exited with rc=0" in text1, f"the ranks did not exit 0 on scancel:\n{text1}"
+    assert "Traceback" not in text1, text1
+    m = re.search(r"stopping on (?:SIGTERM|a signal to another rank) after step (\d+); checkpoint saved", text1)
+    assert m, text1
+    stop = int(m.group(1))
+    assert stop > 4, text1
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stop:08d}"
+
+    second = submit("--train.exit_at_step", str(stop + 2))
+    info2 = wait_job(env, second, 300)
+    text2 = (logs / f"cancel-{second}.out").read_text()
+    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", f"{info2}\n{text2}"
+    assert re.search(rf"resumed from \S*step_0*{stop} at step {stop}\b", text2), text2
+    assert re.search(rf"step\s+{stop + 1}/100000", text2), text2

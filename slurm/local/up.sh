@@ -131,7 +131,7 @@ JobRequeue=1
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=3600
-KillWait=5
+KillWait=30
 CONF
 for i in $(seq "$NNODES"); do
   echo "NodeName=node$i NodeAddr=${ADDR[i]} Port=${PORT[i]} CPUs=$CPUS RealMemory=${REAL_MEMORY:-4000} State=UNKNOWN"
