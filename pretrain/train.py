@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from collections import deque
 import sys
+from collections import deque
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,10 @@ import torch.distributed as dist
 from mesh_megatron.config import ConfigError
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as pd
+from pretrain import run_lock
 from pretrain.config import RunConfig
 from pretrain.data import build_datasets, eval_micro_batches, train_micro_batches
+from pretrain.data_checks import check_data
 from pretrain.metrics import Metrics, device_peak_tflops, fmt_eta, memory_gib
 from pretrain.schedule import build_scheduler
 
@@ -200,50 +202,27 @@ class Trainer:
         self.stopped_by: str | None = None
         self.signalled = False  # a signal (to any rank) stopped the run: keep our handler afterwards
         self.stop = _StopFlag()
+        self.guard = NumericsGuard(cfg.train)
+        self.run_lock: run_lock.RunLock | None = None  # rank 0's, from setup() to release()
 
     def setup(self) -> None:
-        """Process groups, the run directory, and the checkpoint to resume from (checked before anything is built)."""
-        from mesh_megatron.config import ConfigError
-        from pretrain import run_lock
-
+        """Data checked, process groups joined, the run directory locked and prepared, and the checkpoint to resume
+        from resolved and checked: all before anything expensive is built."""
         cfg = self.cfg
-        from pretrain.data_checks import check_data
-
-        t_check = time.time()
+        t_phase = time.time()
         check_data(cfg)  # first: bad or missing data fails in seconds, the same way on every rank (no groups yet)
-        self.phases["data_check"] = time.time() - t_check
-        t_setup = time.time()
+        self.phases["data_check"] = time.time() - t_phase
+        t_phase = time.time()
         if not torch.cuda.is_available():
             from pretrain.cpu_malloc import keep_heap_on_cpu
 
             keep_heap_on_cpu()  # glibc would otherwise unmap and page-fault the activations in again every step
         pd.setup_groups(cfg.parallel.tensor_parallel_size, cfg.parallel.backend, cfg.parallel.timeout_s, announce=True)
-        self.phases["distributed"] = time.time() - t_setup
+        self.phases["distributed"] = time.time() - t_phase
         self.rank, self.world = pd.rank(), pd.world_size()
         self.is_main = self.rank == 0
-        # One run per directory, decided before anything is built or written. Rank 0 takes the lock (the process
-        # groups exist, so it can tell the others); every rank learns the outcome from one all-reduce and stops with
-        # the same error, so none is left waiting in a collective.
-        self.run_lock, refused = None, None
-        if self.is_main:
-            try:
-                self.run_lock = run_lock.lock_dirs([self.run_dir, self.root])
-            except ConfigError as e:
-                refused = e
-        if pd.any_rank(refused is not None):
-            raise refused or run_lock.RunDirLocked(f"{self.run_dir}: rank 0 could not lock the run directory (its "
-                                                   "message says why)")
-        t_phase = time.time()
-        if self.is_main:
-            print("[pretrain] setup: importing DeepSpeed and megatron-core ...", flush=True)
-        pd.setup_deepspeed()
-        # Lazy (start-up time), and here: once the process groups exist and before the seed is set. build() and
-        # open_logs() take their names from these modules.
-        import mesh_megatron.model  # noqa: F401
-        import mesh_megatron.params  # noqa: F401
-
-        self.phases["imports"] = time.time() - t_phase
-        _quiet_libraries()
+        self._lock_run_dirs()
+        self._import_libraries()
         self.dp_rank, self.dp_size, self.tp_size = pd.dp_rank(), pd.dp_size(), pd.tp_size()
         self.precision = resolve_precision(cfg)
         if self.is_main:
@@ -258,6 +237,33 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.root)
         if self.resume_from is not None:
             ckpt.check_compatible(self.resume_from, cfg, self.dp_size)
+
+    def _lock_run_dirs(self) -> None:
+        """One run per directory, decided before anything is built or written. Rank 0 takes the lock (the process
+        groups exist, so it can tell the others); every rank learns the outcome from one all-reduce and stops with
+        the same error, so none is left waiting in a collective."""
+        refused = None
+        if self.is_main:
+            try:
+                self.run_lock = run_lock.lock_dirs([self.run_dir, self.root])
+            except ConfigError as e:
+                refused = e
+        if pd.any_rank(refused is not None):
+            raise refused or run_lock.RunDirLocked(f"{self.run_dir}: rank 0 could not lock the run directory (its "
+                                                   "message says why)")
+
+    def _import_libraries(self) -> None:
+        """DeepSpeed (its comm layer registered on our groups) and the model: lazy for start-up time, announced because
+        a slow filesystem can make this the longest phase. build() and open_logs() take their names from here."""
+        t_phase = time.time()
+        if self.is_main:
+            print("[pretrain] setup: importing DeepSpeed and megatron-core ...", flush=True)
+        pd.setup_deepspeed()
+        import mesh_megatron.model  # noqa: F401
+        import mesh_megatron.params  # noqa: F401
+
+        self.phases["imports"] = time.time() - t_phase
+        _quiet_libraries()
 
     def build(self) -> None:
         """The model and the DeepSpeed engine (AdamW, LR schedule, ZeRO partitioning)."""
@@ -410,13 +416,6 @@ class Trainer:
             pd.assert_replicated_in_sync(engine.module)
         return loss, lr, grad_norm, dt
 
-    @property
-    def guard(self) -> NumericsGuard:
-        """The numerical guard's state, created with the first step."""
-        if "_guard" not in self.__dict__:
-            self._guard = NumericsGuard(self.t)
-        return self._guard
-
     def _optimizer_applies_nonfinite(self) -> bool:
         """Whether DeepSpeed would apply an update with non-finite gradients. Its ZeRO 1-3 and bf16 optimizers detect
         a non-finite grad-norm themselves and skip (zeroed gradients, no optimizer or LR-schedule step, and
@@ -552,7 +551,7 @@ class Trainer:
 
     def release(self) -> None:
         """Let go of the run-directory lock (rank 0), so the next run in this process or another can take it."""
-        if getattr(self, "run_lock", None) is not None:
+        if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
 
