@@ -26,7 +26,6 @@ import difflib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mesh_megatron.config import ConfigError
+from pretrain.checkpoint import write_atomic
 
 CACHE_FORMAT = "mesh-pretrain-token-range/1"
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -217,22 +217,6 @@ def scan_token_range(bin_path: str, dtype: np.dtype) -> tuple[int, int]:
     return lo, hi
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename in the same directory; the temporary file is removed if anything fails (a read-only or
-    full data directory keeps nothing of ours)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600: other users' runs may read the cache
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def token_range(info: PairInfo, cache_dir: str | Path, timeout_s: float) -> tuple[int, int]:
     """(smallest, largest) token id of a prefix: from a valid cache, else scanned by rank 0 and cached (other ranks
     wait for its cache file)."""
@@ -264,7 +248,7 @@ def token_range(info: PairInfo, cache_dir: str | Path, timeout_s: float) -> tupl
     for f in files:  # next to the data for later runs; the run's cache dir, which every rank sees, in any case
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(f, json.dumps(rec, indent=1) + "\n")
+            write_atomic(f, json.dumps(rec, indent=1) + "\n")
             written.append(f)
         except OSError as e:
             errors.append(f"{f}: {e.strerror or e}")

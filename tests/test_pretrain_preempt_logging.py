@@ -20,29 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from conftest import fresh_job_env
 from pretrain.launcher import free_port
-from pretrain_data import VOCAB, make_dataset
-
-
-def _config(tmp: Path, data: str) -> Path:
-    cfg = {
-        "model": {"name": "preempt-wandb", "arch": "mesh", "prelude_layers": 1, "core_layers": 1, "num_loops": 2,
-                  "coda_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32, "vocab_size": VOCAB,
-                  "make_vocab_size_divisible_by": 64},
-        "data": {"paths": [data], "split": "90,8,2"},
-        # far more steps than the test lets it run: the stop comes from the signal
-        "train": {"train_iters": 100000, "micro_batch_size": 2, "global_batch_size": 4, "lr": 3e-3, "eval_interval": 0,
-                  "log_interval": 1},
-        "parallel": {"zero_stage": 1},
-        "checkpoint": {"save_interval": 2, "keep_last": 2, "save_at_end": False},
-        "logging": {"dir": str(tmp / "run"), "wandb": {"mode": "offline"}},
-    }
-    path = tmp / "preempt.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from pretrain_data import make_dataset
+from test_pretrain_preempt_ranks import _config, _wait_for
 
 
 def _parents() -> dict[int, int]:
@@ -72,23 +54,9 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _wait_for(pattern: str, log: Path, procs: list[subprocess.Popen], timeout: float = 400.0) -> re.Match:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = re.search(pattern, log.read_text(errors="replace"))
-        if m:
-            return m
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.05)
-    for p in procs:
-        p.kill()
-    raise AssertionError(f"'{pattern}' did not appear in {log.name}:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def test_sigterm_to_the_whole_job_with_wandb_saves_and_exits_0(tmp_path):
     data = make_dataset(tmp_path / "data" / "synthetic")
-    config = _config(tmp_path, data)
+    config = _config(tmp_path, data, wandb_mode="offline")
     port = str(free_port())
     procs, logs = [], []
     for rank in range(2):
@@ -144,7 +112,7 @@ def test_metrics_log_and_close_survive_a_dead_wandb_service(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's own capture of stdout alone
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
-    cfg = load_run_config(_config(tmp_path, make_dataset(tmp_path / "data" / "synthetic")))
+    cfg = load_run_config(_config(tmp_path, make_dataset(tmp_path / "data" / "synthetic"), wandb_mode="offline"))
     metrics = Metrics(cfg, 0, tmp_path / "run")
     assert metrics.wandb is not None, capsys.readouterr().err
     metrics.log({"step": 1, "loss": 5.0})

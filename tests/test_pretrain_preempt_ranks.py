@@ -25,7 +25,7 @@ from pretrain_data import VOCAB, make_dataset
 
 
 
-def _config(tmp: Path, data: str) -> Path:
+def _config(tmp: Path, data: str, wandb_mode: str = "disabled") -> Path:
     cfg = {
         "model": {"name": "preempt", "arch": "mesh", "prelude_layers": 1, "core_layers": 1, "num_loops": 2, "coda_layers": 1,
                   "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32, "vocab_size": VOCAB, "make_vocab_size_divisible_by": 64},
@@ -34,7 +34,7 @@ def _config(tmp: Path, data: str) -> Path:
         "train": {"train_iters": 100000, "micro_batch_size": 2, "global_batch_size": 4, "lr": 3e-3, "eval_interval": 0, "log_interval": 1},
         "parallel": {"zero_stage": 1},
         "checkpoint": {"save_interval": 2, "keep_last": 2, "save_at_end": False},
-        "logging": {"dir": str(tmp / "run"), "wandb": {"mode": "disabled"}},
+        "logging": {"dir": str(tmp / "run"), "wandb": {"mode": wandb_mode}},
     }
     path = tmp / "preempt.yaml"
     path.write_text(yaml.safe_dump(cfg))
