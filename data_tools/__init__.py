@@ -2,6 +2,8 @@
 
 Python API (names are imported lazily, so `import data_tools` is cheap):
     tokenize_files(inputs, output_prefix, tokenizer="hf", tokenizer_model=..., workers=1, ...) -> summary
+        (task_index=I, num_tasks=N: only this task's share of the files, not merged; see slurm/preprocess.sbatch)
+    submit_preprocess(tokenize_args, tasks, sbatch_args) -> job ids of a Slurm array + its merge job
     load_tokenizer(kind, path) -> object with .encode/.decode/.vocab_size/.eod_id
     train_tokenizer(inputs, model_prefix, vocab_size=8192, ...) -> report
     verify(prefix) / inspect_dataset(prefix) / merge_datasets(prefixes, output_prefix)
@@ -17,6 +19,7 @@ _LAZY = {
     "read_meta": ("indexed", "read_meta"),
     "inspect_dataset": ("inspect_data", "inspect_dataset"),
     "merge_datasets": ("merge", "merge_datasets"),
+    "submit_preprocess": ("preprocess_job", "submit_preprocess"),
     "DataToolsError": ("errors", "DataToolsError"),
 }
 

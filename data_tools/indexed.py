@@ -1,9 +1,13 @@
-"""Megatron indexed datasets (.bin/.idx) through megatron-core, plus the PREFIX.meta.json sidecar.
+"""Megatron indexed datasets (.bin/.idx) in megatron-core's format, plus the PREFIX.meta.json sidecar.
 
-Writing and reading go through `megatron.core.datasets.indexed_dataset` (IndexedDatasetBuilder,
-IndexedDataset), so the files are exactly what megatron-core's GPTDataset reads. This module adds
-what megatron-core lacks: atomic publication of a .bin/.idx pair, a consistency checker with
-readable errors (megatron-core only asserts), and the sidecar that records the tokenizer.
+Writing is plain numpy in exactly the bytes megatron-core's IndexedDatasetBuilder writes (version-1
+index, not multimodal; tests/test_data_hardening.py compares them byte for byte), because importing
+megatron-core pulls in torch and costs seconds of CPU per process before the first document, paid
+by every tokenize run and every task of a Slurm array. Reading and checking go through
+`megatron.core.datasets.indexed_dataset` (imported lazily), so what is written is checked by the
+reader GPTDataset uses. This module adds what megatron-core lacks: atomic publication of a .bin/.idx
+pair, a consistency checker with readable errors (megatron-core only asserts), one-line errors naming
+the path when the disk is full or read-only, and the sidecar that records the tokenizer.
 
 The sidecar is the completeness marker: it is written last and removed first when an output is
 replaced, so a pair without a matching PREFIX.meta.json is never the product of a finished run.
@@ -11,8 +15,12 @@ replaced, so a pair without a matching PREFIX.meta.json is never the product of 
 
 from __future__ import annotations
 
+import array
+import errno
 import json
 import os
+import shutil
+import socket
 import struct
 import time
 from typing import Iterable
@@ -50,19 +58,77 @@ def meta_path(prefix: str) -> str:
     return prefix + ".meta.json"
 
 
+# megatron-core's indexed_dataset.DType codes, written into the .idx header
+DTYPE_CODES = {"uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "float64": 6, "float32": 7, "uint16": 8}
+_COPY_BYTES = 1 << 24
+
+
 def optimal_dtype(vocab_size: int):
-    """uint16 when every token id fits (megatron-core's own rule), else int32."""
-    return _idx().DType.optimal_dtype(vocab_size)
+    """uint16 when every token id fits, else int32 (megatron-core's DType.optimal_dtype rule)."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+class OutputError(DataToolsError):
+    """The output cannot be written (read-only filesystem, disk full, no permission). Exit status 2."""
+
+    exit_code = 2
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def output_error(e: OSError, path: str, need_bytes: int | None = None) -> OutputError:
+    """One line naming the path that could not be written, why, and what to do."""
+    where = os.path.dirname(os.path.abspath(path))
+    if e.errno == errno.EROFS:
+        why, fix = "read-only file system", "write the output (-o) to a writable filesystem"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(where)
+        why = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        facts = ([f"{free:,} bytes free in {where}"] if free is not None else []) + (
+            [f"this step writes {need_bytes:,} bytes"] if need_bytes else [])
+        why += f" ({', '.join(facts)})" if facts else ""
+        fix = "free space there or write the output (-o) elsewhere"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        why, fix = "permission denied", "write the output (-o) to a directory you can write"
+    else:
+        why, fix = e.strerror or str(e), "check the output location (-o)"
+    return OutputError(f"cannot write {path}: {why}; {fix}")
+
+
+def ensure_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, path) from None
+
+
+def _remove_quietly(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
 
 
 def atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # host + pid: array tasks on different nodes may write the same file on a shared filesystem
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise output_error(e, path) from None
 
 
 def read_meta(prefix: str) -> dict | None:
@@ -92,44 +158,142 @@ def resolve_tokenizer_path(meta: dict, prefix: str) -> str:
     )
 
 
+def _index_header(dtype, n_seq: int, n_doc: int) -> bytes:
+    """megatron-core _IndexWriter: magic, version 1, dtype code, sequence count, document-index count."""
+    return _HEADER + struct.pack("<Q", 1) + struct.pack("<B", DTYPE_CODES[np.dtype(dtype).name]) + struct.pack("<QQ", n_seq, n_doc)
+
+
+def _pointers(lengths: np.ndarray, itemsize: int, base: int = 0) -> np.ndarray:
+    """Byte offset of each sequence in the .bin (megatron-core _IndexWriter._sequence_pointers), from base."""
+    ptr = np.empty(len(lengths), dtype=np.int64)
+    if len(lengths):
+        ptr[0] = 0
+        np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=ptr[1:])
+        ptr += base
+    return ptr
+
+
+def _lengths_int32(lengths: np.ndarray) -> np.ndarray:
+    if len(lengths) and int(lengths.max()) >= 2**31:  # the index stores int32 lengths
+        raise DataToolsError(f"a sequence of {int(lengths.max()):,} tokens does not fit the index's int32 lengths; use --split-sentences")
+    return lengths.astype(np.int32)
+
+
 class ShardWriter:
-    """An IndexedDatasetBuilder writing to temporary names; commit() renames to PREFIX.bin/.idx."""
+    """Writes PREFIX.bin/.idx under temporary names (PREFIX.partial.*); commit() renames them into place.
+
+    The bytes are those of megatron-core's IndexedDatasetBuilder (add_document + finalize). Lengths and
+    document indices are kept as int64 arrays (8 bytes each, where the builder keeps Python lists).
+    """
 
     def __init__(self, prefix: str, dtype):
         self.prefix = prefix
         self._tmp = f"{prefix}.partial"
-        self.builder = _idx().IndexedDatasetBuilder(bin_path(self._tmp), dtype=dtype)
+        self.dtype = np.dtype(dtype)
+        self._lengths = array.array("q")
+        self._doc_idx = array.array("q", [0])
+        self._bin = bin_path(self._tmp)
+        try:
+            self._f = open(self._bin, "wb")
+        except OSError as e:
+            raise output_error(e, self._bin) from None
 
     def add_document(self, tokens: np.ndarray, seq_lengths: list[int]) -> None:
-        self.builder.add_document(tokens, seq_lengths)
-
-    def add_index(self, prefix: str) -> None:
-        self.builder.add_index(prefix)
+        arr = np.ascontiguousarray(tokens, dtype=self.dtype)
+        try:
+            self._f.write(memoryview(arr).cast("B"))
+        except OSError as e:
+            raise output_error(e, self._bin) from None
+        self._lengths.extend(seq_lengths)
+        self._doc_idx.append(len(self._lengths))
 
     def commit(self) -> None:
-        self.builder.finalize(idx_path(self._tmp))
+        ip = idx_path(self._tmp)
+        try:
+            self._f.close()
+        except OSError as e:
+            raise output_error(e, self._bin) from None
+        lengths = np.frombuffer(self._lengths, dtype=np.int64)
+        try:
+            with open(ip, "wb") as f:
+                f.write(_index_header(self.dtype, len(lengths), len(self._doc_idx)))
+                f.write(_lengths_int32(lengths).tobytes())
+                f.write(_pointers(lengths, self.dtype.itemsize).tobytes())
+                f.write(np.frombuffer(self._doc_idx, dtype=np.int64).tobytes())
+        except OSError as e:
+            raise output_error(e, ip) from None
         publish_pair(self._tmp, self.prefix)
 
     def abort(self) -> None:
         try:
-            self.builder.data_file.close()
+            self._f.close()
         except Exception:
-            pass
-        for p in (bin_path(self._tmp), idx_path(self._tmp)):
-            if os.path.exists(p):
-                os.remove(p)
+            pass  # e.g. the disk is full: the file goes anyway
+        _remove_quietly(bin_path(self._tmp), idx_path(self._tmp))
+
+
+def _read_index(prefix: str):
+    """(dtype, lengths int32, document indices int64) of a version-1, non-multimodal .idx."""
+    ip = idx_path(prefix)
+    with open(ip, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES or head[:9] != _HEADER:
+        raise DataToolsError(f"{ip}: not a Megatron index (bad header); run `mesh-data verify {prefix}`")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
+    names = {v: k for k, v in DTYPE_CODES.items()}
+    if version != 1 or code not in names:
+        raise DataToolsError(f"{ip}: index version {version} / dtype code {code} not supported; run `mesh-data verify {prefix}`")
+    lengths = np.fromfile(ip, dtype=np.int32, count=n_seq, offset=_HEADER_BYTES)
+    doc_idx = np.fromfile(ip, dtype=np.int64, count=n_doc, offset=_HEADER_BYTES + 12 * n_seq)
+    if len(lengths) != n_seq or len(doc_idx) != n_doc:
+        raise DataToolsError(f"{ip}: truncated index; run `mesh-data verify {prefix}`")
+    return np.dtype(names[code]), lengths, doc_idx
 
 
 def concatenate(prefixes: list[str], output_prefix: str, dtype) -> None:
-    """Append whole .bin/.idx pairs (megatron-core add_index) into output_prefix; temp names until complete."""
-    w = ShardWriter(output_prefix, dtype)
+    """Append whole .bin/.idx pairs in order into output_prefix: the bytes of megatron-core's builder
+    add_index + finalize, streamed one input at a time (memory: one input's index, not the sum).
+    Temporary names until complete; a failure removes them."""
+    dtype = np.dtype(dtype)
+    heads = []
+    for p in prefixes:
+        dt, lengths, doc_idx = _read_index(p)
+        if dt != dtype:  # megatron-core asserts the same
+            raise DataToolsError(f"{idx_path(p)} holds {dt.name} tokens, the output is {dtype.name}")
+        heads.append((len(lengths), len(doc_idx)))
+        del lengths, doc_idx
+    n_seq = sum(h[0] for h in heads)
+    n_doc = 1 + sum(max(h[1] - 1, 0) for h in heads)
+    tmp = f"{output_prefix}.partial"
+    need = sum(os.path.getsize(bin_path(p)) for p in prefixes)
+    target = idx_path(tmp)
     try:
-        for p in prefixes:
-            w.add_index(p)
-        w.commit()
+        with open(target, "wb") as f:
+            f.write(_index_header(dtype, n_seq, n_doc))
+            for p in prefixes:  # the three arrays are stored one after the other: three passes
+                f.write(_read_index(p)[1].tobytes())
+            base = 0
+            for p in prefixes:
+                lengths = _read_index(p)[1]
+                f.write(_pointers(lengths, dtype.itemsize, base).tobytes())
+                base += int(lengths.astype(np.int64).sum()) * dtype.itemsize
+            f.write(np.zeros(1, dtype=np.int64).tobytes())
+            offset = 0
+            for p, (n, _) in zip(prefixes, heads):
+                f.write((_read_index(p)[2][1:] + offset).tobytes())
+                offset += n
+        target = bin_path(tmp)
+        with open(target, "wb") as out:
+            for p in prefixes:
+                with open(bin_path(p), "rb") as src:
+                    shutil.copyfileobj(src, out, _COPY_BYTES)
+    except OSError as e:
+        _remove_quietly(bin_path(tmp), idx_path(tmp))
+        raise output_error(e, target, need if target == bin_path(tmp) else None) from None
     except BaseException:
-        w.abort()
+        _remove_quietly(bin_path(tmp), idx_path(tmp))
         raise
+    publish_pair(tmp, output_prefix)
 
 
 def read_json_or_none(path: str):
@@ -143,12 +307,18 @@ def read_json_or_none(path: str):
 
 def publish_pair(src_prefix: str, dst_prefix: str) -> None:
     """Move a finished src pair onto dst. The dst sidecar is dropped first (see module doc)."""
-    if os.path.exists(meta_path(dst_prefix)):
-        os.remove(meta_path(dst_prefix))
-    for f in (bin_path, idx_path):
-        with open(f(src_prefix), "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(f(src_prefix), f(dst_prefix))
+    target = meta_path(dst_prefix)
+    try:
+        if os.path.exists(target):
+            os.remove(target)
+        for f in (bin_path, idx_path):
+            target = f(src_prefix)
+            with open(target, "rb") as fh:
+                os.fsync(fh.fileno())
+            target = f(dst_prefix)
+            os.replace(f(src_prefix), target)
+    except OSError as e:
+        raise output_error(e, target) from None
 
 
 def read_dataset(prefix: str):
@@ -299,6 +469,6 @@ def merge(prefixes: list[str], output_prefix: str, dtype=None) -> dict:
         raise DataToolsError("merge: inputs have different token dtypes: " + ", ".join(f"{p}: {d}" for p, d in dtypes.items()))
     dt = dtype or np.dtype(next(iter(dtypes.values()))).type
     t0 = time.time()
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    ensure_dir(os.path.dirname(os.path.abspath(output_prefix)))
     concatenate(prefixes, output_prefix, dt)
     return {"inputs": prefixes, "seconds": time.time() - t0}

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import indexed
 from .errors import DataToolsError
-from .readers import InputStream, expand_inputs, input_kind, iter_units
+from .readers import FileBatches, expand_inputs, input_identity, input_size
 from .tokenizer import file_sha256, limit_threads, load_tokenizer, normalize_kind
 from .worker import SKIP_REASONS, ParseOptions, init_worker, process_batch, run_batch, share_tokenizer
 
@@ -33,8 +33,7 @@ _MAX_UNITS_PER_BATCH = 4096
 
 
 def _file_identity(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return input_identity(path)  # a save_to_disk directory: size and mtime of each of its Arrow files
 
 
 def _new_stats() -> dict:
@@ -45,6 +44,7 @@ def _new_stats() -> dict:
         "skipped": {},
         "skip_examples": {},
         "filtered": {},
+        "removed": {},  # keep-list reason -> subset -> documents
         "subsets": {},
         "separator_lines": 0,
     }
@@ -57,6 +57,10 @@ def _add_stats(total: dict, s: dict) -> None:
         total["skipped"][reason] = total["skipped"].get(reason, 0) + n
     for name, n in s["filtered"].items():
         total["filtered"][name] = total["filtered"].get(name, 0) + n
+    for reason, by_subset in s.get("removed", {}).items():
+        cur = total["removed"].setdefault(reason, {})
+        for name, n in by_subset.items():
+            cur[name] = cur.get(name, 0) + n
     for name, (d, t) in s["subsets"].items():
         cur = total["subsets"].setdefault(name, [0, 0])
         cur[0] += d
@@ -75,12 +79,12 @@ class _Inline:
         limit_threads()
         self.tok, self.opts, self.dtype = tok, opts_by_kind, dtype
 
-    def submit(self, kind, units):
+    def submit(self, kind, units, drop=None):
         tok, opts, dtype = self.tok, self.opts[kind], self.dtype
 
         class _Deferred:
             def get(self_inner):
-                return process_batch(tok, units, opts, dtype)
+                return process_batch(tok, units, opts, dtype, drop)
 
         return _Deferred()
 
@@ -111,8 +115,8 @@ class _Pool:
             initargs=(kind, model, eod_token, opts_by_kind, dtype.__name__),
         )
 
-    def submit(self, kind, units):
-        fut = self.pool.submit(run_batch, kind, units)
+    def submit(self, kind, units, drop=None):
+        fut = self.pool.submit(run_batch, kind, units, drop)
 
         class _Result:
             def get(self_inner):
@@ -130,25 +134,15 @@ class _Pool:
 
 
 def _batches(files: list[tuple[int, str]], opts_by_kind: dict, batch_bytes: int, txt_unit: str):
-    """Yield ("batch", file_no, kind, units, disk_bytes) and ("end", file_no, separator_lines, None, disk_bytes)."""
+    """Yield ("batch", file_no, kind, units, disk_bytes) and ("end", file_no, separator_lines, None, disk_bytes).
+
+    kind is "jsonl", "txt" or "columnar" (Parquet/Arrow: units are readers.Rows, see there)."""
+    opts = opts_by_kind["columnar"]
     for file_no, path in files:
-        kind = input_kind(path)
-        with InputStream(path) as stream:
-            units: list[tuple[int, bytes]] = []
-            size = 0
-            seps = 0
-            for unit, sep in iter_units(stream, kind, txt_unit):
-                if unit is None:
-                    seps += sep
-                    continue
-                units.append((unit.lineno, unit.raw))
-                size += len(unit.raw)
-                if size >= batch_bytes or len(units) >= _MAX_UNITS_PER_BATCH:
-                    yield "batch", file_no, kind, units, stream.disk_bytes_read
-                    units, size = [], 0
-            if units:
-                yield "batch", file_no, kind, units, stream.disk_bytes_read
-            yield "end", file_no, seps, None, stream.disk_bytes_read
+        reader = FileBatches(path, batch_bytes, txt_unit, opts.text_key, opts.subset_key, _MAX_UNITS_PER_BATCH)
+        for kind, units, pos in reader:
+            yield "batch", file_no, kind, units, pos
+        yield "end", file_no, reader.separator_lines, None, reader.disk_bytes_read
 
 
 def _settings(tok, tokenizer_kind, tokenizer_model, dtype, opts: ParseOptions, txt_unit) -> dict:
@@ -195,18 +189,35 @@ def tokenize_files(
     batch_bytes: int = 1 << 20,
     progress: bool | None = None,
     quiet: bool = False,
+    keep_list: str | None = None,
+    task_index: int | None = None,
+    num_tasks: int | None = None,
 ) -> dict:
     """Tokenize corpus files into OUTPUT_PREFIX.bin/.idx (+ .meta.json). Returns the run summary.
 
-    inputs: files or globs (.jsonl, .jsonl.zst, .jsonl.gz, .txt[.zst|.gz]); documents keep input order.
+    inputs: files or globs (.jsonl, .jsonl.zst, .jsonl.gz, .txt[.zst|.gz], .parquet, .arrow) or save_to_disk
+    directories; documents keep input order. text_key / subset_key: JSON keys or columns (dotted: nested).
     tokenizer: "hf" (a tokenizer.json) or "sentencepiece" (a .model); tokenizer_model: its path.
     subsets / exclude_subsets: keep only / drop documents whose `subset_key` (the Pile's
     meta.pile_set_name) is one of these. strict: the first bad line raises DataToolsError instead
     of being skipped and counted. force: rebuild even if the output is up to date.
+    keep_list: a keep-list from `mesh-data dedup` / `split`; the documents it drops are skipped and
+    counted per subset (dedup_removed, split_excluded).
+    task_index / num_tasks (a Slurm array, slurm/preprocess.sbatch): tokenize only input files number
+    task_index, task_index + num_tasks, ... into OUTPUT_PREFIX.work/ and stop before merging; the
+    same call without them then finds those shards done and only merges.
     """
     t0 = time.time()
     if workers < 1:
         raise DataToolsError(f"--workers must be >= 1, got {workers}")
+    if (task_index is None) != (num_tasks is None):
+        raise DataToolsError("--task-index and --num-tasks go together (this task's number, 0-based, and the number of tasks)")
+    if num_tasks is not None and not 0 <= task_index < num_tasks:
+        raise DataToolsError(f"--task-index must be in [0, --num-tasks={num_tasks}), got {task_index}")
+
+    def mine(i: int) -> bool:  # input file i is this task's (files are dealt round-robin)
+        return num_tasks is None or i % num_tasks == task_index
+
     if txt_unit not in ("line", "paragraph"):
         raise DataToolsError(f"txt_unit must be 'line' or 'paragraph', not {txt_unit!r}")
     kind = normalize_kind(tokenizer)
@@ -221,12 +232,18 @@ def tokenize_files(
         split_sentences=split_sentences,
         append_eod=append_eod,
     )
-    opts_by_kind = {k: ParseOptions(kind=k, **base) for k in ("jsonl", "txt")}
+    opts_by_kind = {k: ParseOptions(kind=k, **base) for k in ("jsonl", "txt", "columnar")}
     settings = _settings(tok, kind, tokenizer_model, dtype, opts_by_kind["jsonl"], txt_unit)
     identities = [_file_identity(f) for f in files]
+    keep = None
+    if keep_list:
+        from .dedup import KeepList, parse_settings
+
+        keep = KeepList(keep_list, files, identities, parse_settings(text_key, subset_key, subsets, exclude_subsets, txt_unit))
+        settings["keep_list_sha256"] = keep.sha256  # only when given, so older outputs stay up to date
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    indexed.ensure_dir(out_dir)
     try:
         meta = indexed.read_meta(output_prefix)
     except DataToolsError:
@@ -249,9 +266,17 @@ def tokenize_files(
     settings_file = os.path.join(work, "settings.json")
     if os.path.isdir(work):
         if indexed.read_json_or_none(settings_file) != settings:
+            if num_tasks is not None:  # the other tasks of the array may be writing there
+                raise DataToolsError(
+                    f"{work} holds shards made with other settings (tokenizer, flags or inputs' keep-list); array tasks "
+                    f"do not clear it while other tasks may be writing there: delete it (rm -r {work}) and resubmit"
+                )
             _say(f"{work}: left by a run with other settings; starting over", quiet)
-            shutil.rmtree(work)
-    os.makedirs(work, exist_ok=True)
+            try:
+                shutil.rmtree(work)
+            except OSError as e:
+                raise indexed.output_error(e, e.filename or work) from None
+    indexed.ensure_dir(work)
     if not os.path.exists(settings_file):
         indexed.atomic_write_json(settings_file, settings)
 
@@ -259,7 +284,7 @@ def tokenize_files(
     done_stats: dict[int, dict] = {}
     for i, ident in enumerate(identities):
         marker = shard_prefix[i] + ".done.json"
-        if os.path.exists(marker):
+        if mine(i) and os.path.exists(marker):
             rec = indexed.read_json_or_none(marker)
             ok = rec is not None and rec.get("input") == ident and all(
                 os.path.exists(fn(shard_prefix[i])) for fn in (indexed.bin_path, indexed.idx_path)
@@ -268,17 +293,24 @@ def tokenize_files(
                 done_stats[i] = rec["stats"]
             else:
                 os.remove(marker)
-    pending = [(i, f) for i, f in enumerate(files) if i not in done_stats]
+    pending = [(i, f) for i, f in enumerate(files) if i not in done_stats and mine(i)]
     if done_stats:
         _say(f"resuming: {len(done_stats)} of {len(files)} input files already tokenized in {work}", quiet)
 
     # --- tokenize pending files ------------------------------------------------------------------
     stats_by_file: dict[int, dict] = dict(done_stats)
+    kept = f"input files finished before are kept in {work} and the same command resumes from them"
     if pending:
-        _run_pending(
-            pending, files, shard_prefix, identities, stats_by_file, tok, kind, tokenizer_model, eod_token,
-            opts_by_kind, dtype, workers, batch_bytes, txt_unit, strict, progress, quiet,
-        )
+        try:
+            _run_pending(
+                pending, files, shard_prefix, identities, stats_by_file, tok, kind, tokenizer_model, eod_token,
+                opts_by_kind, dtype, workers, batch_bytes, txt_unit, strict, progress, quiet, keep,
+            )
+        except indexed.OutputError as e:
+            raise indexed.OutputError(f"{e}; {kept}") from None
+    if num_tasks is not None:
+        return _task_summary(output_prefix, work, task_index, num_tasks, [i for i in range(len(files)) if mine(i)],
+                             stats_by_file, done_stats, workers, time.time() - t0)
 
     # --- merge shards into the final pair and publish --------------------------------------------
     total = _new_stats()
@@ -288,13 +320,16 @@ def tokenize_files(
         shutil.rmtree(work, ignore_errors=True)
         raise DataToolsError(
             f"no documents kept from {len(files)} input file(s) (skipped: {total['skipped'] or 0}, filtered by subset: "
-            f"{total['filtered'] or 0}); nothing written to {output_prefix} (megatron-core cannot read an empty dataset). "
+            f"{total['filtered'] or 0}{', dropped by the keep-list: ' + str(total['removed']) if total['removed'] else ''}); nothing written to {output_prefix} (megatron-core cannot read an empty dataset). "
             "Check --text-key / --subset / --exclude-subset."
         )
-    if len(files) == 1:
-        indexed.publish_pair(shard_prefix[0], output_prefix)  # one shard: a rename, no copy
-    else:
-        indexed.concatenate(shard_prefix, output_prefix, dtype)  # temp names until complete
+    try:
+        if len(files) == 1:
+            indexed.publish_pair(shard_prefix[0], output_prefix)  # one shard: a rename, no copy
+        else:
+            indexed.concatenate(shard_prefix, output_prefix, dtype)  # temp names until complete
+    except indexed.OutputError as e:
+        raise indexed.OutputError(f"{e}; the tokenized input files are kept in {work}: the same command then only merges them") from None
 
     wall = time.time() - t0
     summary = {
@@ -310,6 +345,7 @@ def tokenize_files(
         "skipped_total": sum(total["skipped"].values()),
         "skip_examples": total["skip_examples"],
         "filtered_by_subset": total["filtered"],
+        **_keep_list_summary(keep, total["removed"]),
         "subsets": {k: {"documents": v[0], "tokens": v[1]} for k, v in sorted(total["subsets"].items(), key=lambda kv: str(kv[0]))},
         "separator_lines": total["separator_lines"],
         "wall_time_s": round(wall, 3),
@@ -345,12 +381,56 @@ def tokenize_files(
     return summary
 
 
+def _keep_list_summary(keep, removed: dict) -> dict:
+    """dedup_removed / split_excluded: {subset: documents} a keep-list dropped (only with a keep-list)."""
+    if keep is None:
+        return {}
+    from .dedup import EXACT, NEAR, OTHER_SPLIT, REASONS
+
+    def merged(reasons):
+        out: dict = {}
+        for r in reasons:
+            for name, n in removed.get(REASONS[r], {}).items():
+                out[name] = out.get(name, 0) + n
+        return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+
+    other = {r: v for r, v in removed.items() if r not in (REASONS[EXACT], REASONS[NEAR], REASONS[OTHER_SPLIT])}
+    return {"keep_list": keep.path, "dedup_removed": merged((EXACT, NEAR)), "split_excluded": merged((OTHER_SPLIT,)),
+            **({"keep_list_removed_other": other} if other else {})}
+
+
+def _locator_span(kind: str, units: list) -> tuple[int, int]:
+    """First and last line/row number of a batch (a columnar unit covers `count` rows)."""
+    last = units[-1]
+    return units[0][0], (last[0] + last[1] - 1 if kind == "columnar" else last[0])
+
+
+def _task_summary(output_prefix, work, task_index, num_tasks, files_of_task, stats_by_file, done_stats, workers, wall) -> dict:
+    total = _new_stats()
+    for i in files_of_task:
+        _add_stats(total, stats_by_file[i])
+    return {
+        "output_prefix": output_prefix,
+        "work_dir": work,
+        "task_index": task_index,
+        "num_tasks": num_tasks,
+        "files": len(files_of_task),
+        "files_resumed": sum(i in done_stats for i in files_of_task),
+        "workers": workers,
+        "documents": total["documents"],
+        "tokens": total["tokens"],
+        "skipped_total": sum(total["skipped"].values()),
+        "wall_time_s": round(wall, 3),
+        "merged": False,
+    }
+
+
 def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, kind, model, eod_token,
-                 opts_by_kind, dtype, workers, batch_bytes, txt_unit, strict, progress, quiet):
+                 opts_by_kind, dtype, workers, batch_bytes, txt_unit, strict, progress, quiet, keep=None):
     from tqdm import tqdm
 
     executor = _Inline(tok, opts_by_kind, dtype) if workers == 1 else _Pool(workers, tok, kind, model, eod_token, opts_by_kind, dtype)
-    total_bytes = sum(os.path.getsize(files[i]) for i, _ in pending)
+    total_bytes = sum(input_size(files[i]) for i, _ in pending)
     bar = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, mininterval=0.5,
         disable=(not progress) if progress is not None else (quiet or None),
@@ -382,7 +462,8 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
                     break
                 if item[0] == "batch":
                     _, file_no, fkind, units, pos = item
-                    inflight.append(("batch", file_no, executor.submit(fkind, units), pos, units[0][0]))
+                    drop = keep.for_span(file_no, *_locator_span(fkind, units)) if keep is not None else None
+                    inflight.append(("batch", file_no, executor.submit(fkind, units, drop), pos, units[0][0]))
                 else:
                     inflight.append(item)
             if not inflight:
@@ -419,6 +500,12 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
                         bar.write(f"skipped {ex}", file=sys.stderr)
             for name, n in res.filtered.items():
                 stats["filtered"][name] = stats["filtered"].get(name, 0) + n
+            if res.removed:
+                from .dedup import REASONS
+
+                for (code, name), n in res.removed.items():
+                    by_subset = stats["removed"].setdefault(REASONS.get(code, f"reason_{code}"), {})
+                    by_subset[name] = by_subset.get(name, 0) + n
             tok_off = 0
             seq_off = 0
             for d, n_seq in enumerate(res.seqs_per_doc.tolist()):

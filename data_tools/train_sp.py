@@ -16,8 +16,8 @@ import tempfile
 import time
 
 from .errors import DataToolsError
-from .readers import InputStream, expand_inputs, input_kind, iter_units
-from .worker import ParseOptions, parse_unit
+from .readers import FileBatches, expand_inputs
+from .worker import ParseOptions, iter_parsed
 
 # SentencePiece's trainer reads lines; longer lines are dropped by it, so documents are cut to this.
 _MAX_LINE_CHARS = 4096
@@ -75,27 +75,25 @@ def train_tokenizer(
         sample = os.path.join(tmp, "sample.txt")
         docs = chars = skipped = 0
         with open(sample, "w", encoding="utf-8") as out:
-            for path in files:
-                kind = input_kind(path)
-                opts = ParseOptions(kind=kind, **base)
-                with InputStream(path) as stream:
-                    for unit, _ in iter_units(stream, kind, txt_unit):
-                        if unit is None:
-                            continue
-                        text, subset, skip = parse_unit(unit.raw, opts)
-                        if skip is not None:
-                            skipped += 1
-                            continue
-                        if subset in opts.exclude_subsets or (opts.include_subsets is not None and subset not in opts.include_subsets):
-                            continue
-                        for line in text.split("\n"):
-                            for piece in _cut(line):
-                                if piece.strip():
-                                    out.write(piece + "\n")
-                        docs += 1
-                        chars += len(text)
-                        if chars >= max_chars:
-                            break
+            opts_by_kind = {k: ParseOptions(kind=k, **base) for k in ("jsonl", "txt", "columnar")}
+
+            def documents():  # the same readers and checks as tokenize, over all inputs in order
+                for path in files:
+                    for kind, units, _ in FileBatches(path, 1 << 20, txt_unit, text_key, subset_key):
+                        yield from iter_parsed(units, opts_by_kind[kind])
+
+            for _, text, subset, skip in documents():
+                if skip is not None:
+                    skipped += 1
+                    continue
+                if subset in base["exclude_subsets"] or (base["include_subsets"] is not None and subset not in base["include_subsets"]):
+                    continue
+                for line in text.split("\n"):
+                    for piece in _cut(line):
+                        if piece.strip():
+                            out.write(piece + "\n")
+                docs += 1
+                chars += len(text)
                 if chars >= max_chars:
                     break
         if docs == 0:

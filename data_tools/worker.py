@@ -1,5 +1,8 @@
 """Turn a batch of raw units into token arrays: parse -> validate -> filter -> tokenize.
 
+Units are (line number, raw bytes) pairs for jsonl/txt, or `readers.Rows` (the text and subset
+columns of consecutive rows, already extracted) for Parquet/Arrow; both go through the same checks.
+
 Runs inside worker processes (or inline for --workers 1), so it imports nothing heavy: no torch,
 no megatron. Results are plain numpy arrays + small lists so they pickle cheaply back to the writer.
 Every unit ends up either as a document or as a counted skip/filter with its line number.
@@ -27,7 +30,7 @@ SKIP_REASONS = (MALFORMED_JSON, NOT_AN_OBJECT, MISSING_TEXT_KEY, TEXT_NOT_STRING
 
 @dataclass(frozen=True)
 class ParseOptions:
-    kind: str  # "jsonl" | "txt"
+    kind: str  # "jsonl" | "txt" | "columnar"
     text_key: str = "text"
     subset_key: str = "meta.pile_set_name"
     include_subsets: frozenset | None = None  # None = keep all
@@ -44,6 +47,7 @@ class BatchResult:
     doc_subsets: list  # subset name (or None) per kept document
     skips: list = field(default_factory=list)  # (lineno, reason, detail)
     filtered: dict = field(default_factory=dict)  # subset name -> documents left out by the subset filter
+    removed: dict = field(default_factory=dict)  # (keep-list reason, subset name) -> documents a keep-list drops
 
 
 def _lookup(obj, dotted: str):
@@ -87,8 +91,7 @@ def parse_unit(raw: bytes, opts: ParseOptions):
         if not isinstance(text, str):
             return None, None, (TEXT_NOT_STRING, f"{opts.text_key!r} is {type(text).__name__}")
         try:
-            sub = _lookup(obj, opts.subset_key)
-            subset = sub if isinstance(sub, str) else str(sub)
+            subset = _subset_name(_lookup(obj, opts.subset_key))
         except KeyError:
             subset = None
         try:  # JSON escapes can produce lone surrogates ("\ud800"), which are not valid UTF-8 text
@@ -102,6 +105,45 @@ def parse_unit(raw: bytes, opts: ParseOptions):
     return text, subset, None
 
 
+def _subset_name(sub):
+    """A subset value as a name; null counts as no subset (as in Arrow, where null and absent are one)."""
+    if sub is None or isinstance(sub, str):
+        return sub
+    if isinstance(sub, bytes):
+        return sub.decode("utf-8", errors="replace")
+    return str(sub)
+
+
+def parse_value(raw: bytes | None, sub, opts: ParseOptions):
+    """One columnar row (text column as UTF-8 bytes or None for null, subset column value) ->
+    (text, subset, None) or (None, None, (reason, detail)), with the checks parse_unit makes."""
+    if raw is None:
+        return None, None, (TEXT_NOT_STRING, f"{opts.text_key!r} is null")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, None, (INVALID_UTF8, f"byte {e.start}: {raw[max(0, e.start - 8):e.start + 8]!r}")
+    if not text.strip():
+        return None, None, (EMPTY_DOCUMENT, "text is empty or whitespace only")
+    return text, _subset_name(sub), None
+
+
+def iter_parsed(units: list, opts: ParseOptions):
+    """Yield (line or row number, text, subset, skip) for every unit of a batch, in order."""
+    if opts.kind == "columnar":
+        for first, count, texts, subsets, problem in units:
+            for k in range(count):
+                if problem is not None:
+                    yield first + k, None, None, problem
+                    continue
+                text, subset, skip = parse_value(texts[k], subsets[k] if subsets is not None else None, opts)
+                yield first + k, text, subset, skip
+        return
+    for lineno, raw in units:
+        text, subset, skip = parse_unit(raw, opts)
+        yield lineno, text, subset, skip
+
+
 def _selected(subset, opts: ParseOptions) -> bool:
     if subset in opts.exclude_subsets:
         return False
@@ -110,19 +152,24 @@ def _selected(subset, opts: ParseOptions) -> bool:
     return True
 
 
-def process_batch(tokenizer, units: list[tuple[int, bytes]], opts: ParseOptions, dtype) -> BatchResult:
+def process_batch(tokenizer, units: list, opts: ParseOptions, dtype, drop: dict | None = None) -> BatchResult:
+    """drop: {line/row number: keep-list reason code} of documents a keep-list leaves out (see dedup.py)."""
     texts: list[str] = []
     subsets: list = []
     skips: list = []
     filtered: dict = {}
-    for lineno, raw in units:
-        text, subset, skip = parse_unit(raw, opts)
+    removed: dict = {}
+    for lineno, text, subset, skip in iter_parsed(units, opts):
         if skip is not None:
             skips.append((lineno, skip[0], skip[1]))
             continue
         if not _selected(subset, opts):
             key = subset if subset is not None else "<no subset>"
             filtered[key] = filtered.get(key, 0) + 1
+            continue
+        if drop and lineno in drop:  # counted per reason and subset, never silently
+            key = (drop[lineno], subset if subset is not None else "<no subset>")
+            removed[key] = removed.get(key, 0) + 1
             continue
         texts.append(text)
         subsets.append(subset)
@@ -147,7 +194,7 @@ def process_batch(tokenizer, units: list[tuple[int, bytes]], opts: ParseOptions,
     seq_lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
     total = int(seq_lengths.sum())
     tokens = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=total)
-    return BatchResult(tokens, seq_lengths, np.asarray(seqs_per_doc, dtype=np.int64), subsets, skips, filtered)
+    return BatchResult(tokens, seq_lengths, np.asarray(seqs_per_doc, dtype=np.int64), subsets, skips, filtered, removed)
 
 
 # --- worker-process side -------------------------------------------------------------------------
@@ -176,5 +223,5 @@ def init_worker(kind: str, model: str, eod_token, opts_by_kind: dict, dtype_name
     _STATE["dtype"] = np.dtype(dtype_name)
 
 
-def run_batch(kind: str, units: list[tuple[int, bytes]]) -> BatchResult:
-    return process_batch(_STATE["tok"], units, _STATE["opts"][kind], _STATE["dtype"])
+def run_batch(kind: str, units: list, drop: dict | None = None) -> BatchResult:
+    return process_batch(_STATE["tok"], units, _STATE["opts"][kind], _STATE["dtype"], drop)

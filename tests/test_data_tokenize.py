@@ -132,9 +132,9 @@ def test_input_without_documents_is_an_error_not_an_empty_dataset(tmp_path):
 def test_input_errors_are_clear(tmp_path):
     with pytest.raises(DataToolsError, match="matched no files"):
         tokenize_files([str(tmp_path / "*.jsonl")], str(tmp_path / "o"), "hf", str(NEOX))
-    (tmp_path / "x.parquet").write_bytes(b"")
+    (tmp_path / "x.csv").write_bytes(b"")  # (.parquet is an input type since mesh-data reads Parquet)
     with pytest.raises(DataToolsError, match="unsupported input type"):
-        tokenize_files([str(tmp_path / "x.parquet")], str(tmp_path / "o"), "hf", str(NEOX))
+        tokenize_files([str(tmp_path / "x.csv")], str(tmp_path / "o"), "hf", str(NEOX))
     src = write_jsonl(tmp_path / "a.jsonl", RECORDS[:1])
     with pytest.raises(DataToolsError, match="not a Hugging Face tokenizer.json"):
         tokenize_files([str(src)], str(tmp_path / "o"), "hf", str(SP8K))

@@ -236,3 +236,38 @@ def test_scancel_with_wandb_offline_saves_exits_0_and_resumes(cluster):
     assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", f"{info2}\n{text2}"
     assert re.search(rf"resumed from \S*step_0*{stop} at step {stop}\b", text2), text2
     assert re.search(rf"step\s+{stop + 1}/100000", text2), text2
+
+
+def test_preprocess_array_across_nodes_then_merge_equals_one_machine(cluster):
+    """slurm/preprocess.sbatch through `mesh-data submit-preprocess`: a 2-task array over 4 input files (one node each,
+    every core of it), then the afterok merge job; the merged dataset is byte for byte a single-machine tokenize."""
+    from test_data_helpers import NEOX, sample_records, write_jsonl
+
+    import data_tools
+
+    env, d = dict(cluster["env"]), cluster["dir"] / "preprocess"
+    d.mkdir()
+    files = [str(write_jsonl(d / f"part{i}.jsonl{'.zst' if i % 2 else ''}", sample_records(10, start=10 * i))) for i in range(4)]
+    prefix, logs = d / "out" / "corpus", d / "logs"
+    sub = _run([sys.executable, "-m", "data_tools", "submit-preprocess", "--tasks", "2", "--log-dir", str(logs), "--job-name", "prep",
+                "--", *files, "-o", str(prefix), "--tokenizer-model", str(NEOX)], 60, env=env, cwd=ROOT)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    array, merge = re.search(r"submitted array job (\d+) .* merge job (\d+) \(--dependency=afterok:\1\)", sub.stdout).groups()
+
+    info = wait_job(env, merge, 120)
+    task_logs = {t: (logs / f"prep-{array}_{t}.out").read_text() for t in (0, 1)}
+    merge_log = (logs / f"prep-merge-{merge}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{merge_log}\n{task_logs}"
+    # each task tokenized its own two files, with the cores of its own node (the two emulated hosts)
+    for t, text in task_logs.items():
+        assert f"task {t}/2: 2 input files (0 done before)" in text and "rc=0" in text, text
+    hosts = {re.search(r"host=(\S+)", text).group(1) for text in task_logs.values()}
+    assert hosts == {"node1", "node2"}, task_logs
+    assert "files      4 (4 resumed)" in merge_log, merge_log  # the merge job only merged
+
+    local = d / "local"
+    data_tools.tokenize_files(files, str(local), "hf", str(NEOX), quiet=True)
+    for ext in (".bin", ".idx"):
+        assert Path(f"{prefix}{ext}").read_bytes() == Path(f"{local}{ext}").read_bytes(), ext
+    assert json.loads(Path(f"{prefix}.meta.json").read_text())["documents"] == 40
+    assert not Path(f"{prefix}.work").exists()
