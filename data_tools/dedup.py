@@ -810,8 +810,12 @@ class KeepList:
         self.path = os.path.abspath(path)
         header, self._z = read_keep_list(path)
         self.header = header
-        # a different subset key or filter only changes which documents count as filtered
-        for key in LOCATOR_SETTINGS:
+        # a different subset key or filter only changes which documents count as filtered, except for a split:
+        # documents its own filter left out have no split, and would be kept in every split's dataset
+        keys = LOCATOR_SETTINGS
+        if header.get("kind") == "split":
+            keys += ("subset_key", "include_subsets", "exclude_subsets")
+        for key in keys:
             if header["parse"].get(key) != parse.get(key):
                 raise DataToolsError(
                     f"{path}: made with {key}={header['parse'].get(key)!r} but this run uses {parse.get(key)!r}; "

@@ -61,7 +61,8 @@ def file_sha256(path: str) -> str:
 # distance to that point. GPT-NeoX needs about 150 bytes per character of a piece while encoding.
 PIECE_CHARS = 1 << 16
 _HF_CUT = re.compile(r"(?<=\S)[ \n]")
-_SP_CUT = re.compile(r"(?<=\S) (?=\S)")
+# "\u2581" is whitespace to SentencePiece (its escaped space), not to Python's \S
+_SP_CUT = re.compile(r"(?<=[^\s\u2581]) (?=[^\s\u2581])")
 _GPT2_REGEX_PRETOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 
 
@@ -149,6 +150,8 @@ class HFTokenizer:
                 and (norm is None or norm.get("type") == "NFC")
                 and model.get("type") == "BPE" and not model.get("dropout")
                 and not any(_ws_after_non_ws(t["content"], " \n") for t in cfg.get("added_tokens", []))
+                # an added token that swallows the spaces around it (rstrip / lstrip / single_word) could reach across
+                and not any(t.get(k) for t in cfg.get("added_tokens", []) for k in ("rstrip", "lstrip", "single_word"))
             )
         return self._cuttable
 

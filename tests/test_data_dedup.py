@@ -358,3 +358,15 @@ def test_cli_dedup_split_and_tokenize_keep_list(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
+
+
+def test_a_split_keep_list_needs_the_subset_filter_it_was_made_with(tmp_path):
+    """Documents a split's own --subset filter left out have no split: tokenizing with its keep-lists but another
+    filter would put them into every split (found in review), so that is refused."""
+    recs = [{"text": r["text"], "meta": {"pile_set_name": "AB"[i % 2]}} for i, r in enumerate(sample_records(40))]
+    src = write_jsonl(tmp_path / "ab.jsonl", recs)
+    split_files([str(src)], str(tmp_path / "s"), split="8,1,1", subsets=["A"], quiet=True)
+    with pytest.raises(DataToolsError, match="include_subsets"):
+        tokenize_files([str(src)], str(tmp_path / "t"), "hf", str(NEOX), keep_list=str(tmp_path / "s.train.keep.npz"), quiet=True)
+    tokenize_files([str(src)], str(tmp_path / "t"), "hf", str(NEOX), keep_list=str(tmp_path / "s.train.keep.npz"),
+                   subsets=["A"], quiet=True)

@@ -323,3 +323,28 @@ def test_preprocess_sbatch_is_valid_bash_and_passes_the_task_to_tokenize(tmp_pat
     bad = subprocess.run(["bash", str(script), "a.jsonl"], env={**task, "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3"},
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--array=0-2" in bad.stderr
+
+
+def test_cut_points_respect_sentencepieces_escaped_space_and_greedy_added_tokens(monkeypatch, tmp_path):
+    """Two cases the fuzz alphabet missed (found in review): a literal U+2581 beside a cut is whitespace to
+    SentencePiece, so "x\u2581 \u2581y" must not be cut there; and a tokenizer.json whose added token swallows the
+    spaces next to it (rstrip / lstrip / single_word) is encoded whole."""
+    import json
+
+    monkeypatch.setattr(T, "PIECE_CHARS", 50)
+    sp = T.load_tokenizer("sentencepiece", str(SP8K))
+    words = [r["text"].split()[0] for r in sample_records(40)]
+    text = " ".join(f"{w}\u2581 \u2581{w}" if i % 3 == 0 else w for i, w in enumerate(words * 40))
+    assert len(text) > 20 * T.PIECE_CHARS
+    assert sp.encode(text) == sp._encode_ids([text])[0]
+
+    cfg = json.loads(NEOX.read_text())
+    for t in cfg["added_tokens"]:
+        if t["content"] == "<|endoftext|>":
+            t["rstrip"] = True
+    greedy = tmp_path / "greedy.json"
+    greedy.write_text(json.dumps(cfg))
+    hf = T.load_tokenizer("hf", str(greedy))
+    assert not hf.can_cut()
+    text = ("x" * 41 + "<|endoftext|>   y ") * 200
+    assert hf.encode(text) == hf._encode_ids([text])[0]
