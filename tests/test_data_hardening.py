@@ -348,3 +348,13 @@ def test_cut_points_respect_sentencepieces_escaped_space_and_greedy_added_tokens
     assert not hf.can_cut()
     text = ("x" * 41 + "<|endoftext|>   y ") * 200
     assert hf.encode(text) == hf._encode_ids([text])[0]
+
+
+def test_dedup_into_a_read_only_directory_is_the_same_one_line_and_exit_2(tmp_path, tmpfs, capsys):
+    """dedup / split report write errors like tokenize (one line naming the path, exit 2), not a generic message."""
+    src = write_jsonl(tmp_path / "c.jsonl", sample_records(20))
+    ro = tmpfs("1m", ro=True)
+    rc = main(["dedup", str(src), "-o", str(ro / "keep.npz"), "--exact-only", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "read-only file system" in err and str(ro) in err, err
