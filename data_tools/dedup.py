@@ -35,7 +35,6 @@ arrays live in RAM (a billion documents need ~12 GB); pass 2 is one process and 
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import json
 import os
@@ -979,10 +978,10 @@ def one_line_os_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OSError as e:
-            if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM):
-                # the same one line (and exit 2) as tokenize's write errors; the work files are written next to -o
-                raise indexed.output_error(e, e.filename or "the output (-o)") from None
-            raise DataToolsError(f"{e.filename or 'input/output'}: {e.strerror or e}") from None
+            if isinstance(e, FileNotFoundError):
+                raise DataToolsError(f"{e.filename or 'a file'}: {e.strerror or e}") from None  # e.g. an input vanished mid-run
+            # the same one line (and exit 2) as tokenize's write errors; the work files are written next to -o
+            raise indexed.output_error(e, e.filename or "the output (-o)") from None
 
     return wrapper
 
