@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import indexed
+from .pool import Inline, WorkerPool
 from .errors import DataToolsError
 
 KEEP_FORMAT = "mesh-data-keep-list/1"
@@ -285,19 +286,12 @@ def signature_datasketch(text: str):
 
 def sig_batch(kind: str, units: list) -> dict:
     """Parse a batch of units like tokenize does and compute each document's row (and signature)."""
-    from .worker import _selected, iter_parsed
+    from .worker import iter_selected
 
     cfg: SigConfig = _W["cfg"]
     opts = _W["opts"][kind]
     locs, subsets, texts, skips, filtered = [], [], [], [], {}
-    for lineno, text, subset, skip in iter_parsed(units, opts):
-        if skip is not None:
-            skips.append((lineno, skip[0], skip[1]))
-            continue
-        if not _selected(subset, opts):
-            key = subset if subset is not None else "<no subset>"
-            filtered[key] = filtered.get(key, 0) + 1
-            continue
+    for lineno, text, subset in iter_selected(units, opts, skips, filtered):
         locs.append(lineno)
         subsets.append(subset)
         texts.append(text)
@@ -324,53 +318,6 @@ def sig_batch(kind: str, units: list) -> dict:
 
 
 # --- pass 1: driver ------------------------------------------------------------------------------
-class _InlineExec:
-    def __init__(self, cfg, opts_by_kind, tok_spec):
-        # the tokenizer is limited to one thread like in a worker; close() restores the caller's environment
-        self._saved_env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-        _setup(cfg, opts_by_kind, tok_spec)
-
-    def submit(self, kind, units):
-        class _D:
-            def result(self_inner):
-                return sig_batch(kind, units)
-
-        return _D()
-
-    def close(self, abort=False):
-        for k, v in self._saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class _PoolExec:
-    def __init__(self, workers, cfg, opts_by_kind, tok_spec):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        fork = sys.platform.startswith("linux")
-        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork" if fork else "spawn"),
-                                        initializer=_init_worker, initargs=(cfg, opts_by_kind, tok_spec))
-
-    def submit(self, kind, units):
-        fut = self.pool.submit(sig_batch, kind, units)
-
-        class _R:
-            def result(self_inner):
-                from concurrent.futures.process import BrokenProcessPool
-
-                try:
-                    return fut.result()
-                except BrokenProcessPool as e:
-                    raise DataToolsError(f"a dedup worker process died ({e}); if it ran out of memory, use fewer --workers") from None
-
-        return _R()
-
-    def close(self, abort=False):
-        self.pool.shutdown(wait=True, cancel_futures=abort)
-
 
 def _file_paths(work: str, i: int) -> dict:
     base = os.path.join(work, f"f{i:05d}")
@@ -446,7 +393,8 @@ def signature_pass(files, identities, work, cfg: SigConfig, opts_by_kind, worker
         return [done[i] for i in range(len(files))]
     from .readers import input_size
 
-    executor = _InlineExec(cfg, opts_by_kind, tok_spec) if workers == 1 else _PoolExec(workers, cfg, opts_by_kind, tok_spec)
+    args = (cfg, opts_by_kind, tok_spec)
+    executor = Inline(_setup, *args) if workers == 1 else WorkerPool(workers, _init_worker, args, "dedup")
     bar = tqdm(total=sum(input_size(f) for _, f in pending), unit="B", unit_scale=True, desc=label, file=sys.stderr,
                mininterval=0.5, disable=quiet or None)
     inflight: collections.deque = collections.deque()
@@ -470,7 +418,7 @@ def signature_pass(files, identities, work, cfg: SigConfig, opts_by_kind, worker
                     break
                 if item[0] == "batch":
                     _, file_no, kind, units, pos = item
-                    inflight.append(("batch", file_no, executor.submit(kind, units), pos))
+                    inflight.append(("batch", file_no, executor.submit(sig_batch, kind, units), pos))
                 else:
                     inflight.append(("end", item[1], None, item[4]))
             if not inflight:
@@ -487,7 +435,7 @@ def signature_pass(files, identities, work, cfg: SigConfig, opts_by_kind, worker
                 writer = None
                 cur = None
             else:
-                writer.add(fut.result(), files[file_no], quiet)
+                writer.add(fut.get(), files[file_no], quiet)
             bar.update(max(pos - last_pos, 0))
             last_pos = pos
         aborted = False

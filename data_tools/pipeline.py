@@ -25,8 +25,9 @@ import numpy as np
 from . import indexed
 from .errors import DataToolsError
 from .readers import FileBatches, expand_inputs, input_identity, input_size
-from .tokenizer import file_sha256, limit_threads, load_tokenizer, normalize_kind
-from .worker import SKIP_REASONS, ParseOptions, init_worker, process_batch, run_batch, share_tokenizer
+from .tokenizer import file_sha256, load_tokenizer, normalize_kind
+from .pool import Inline, WorkerPool
+from .worker import SKIP_REASONS, ParseOptions, init_worker, run_batch, setup_worker, share_tokenizer
 
 MAX_EXAMPLES_PER_REASON = 5
 _MAX_UNITS_PER_BATCH = 4096
@@ -68,69 +69,6 @@ def _add_stats(total: dict, s: dict) -> None:
     for reason, exs in s["skip_examples"].items():
         have = total["skip_examples"].setdefault(reason, [])
         have.extend(exs[: MAX_EXAMPLES_PER_REASON - len(have)])
-
-
-class _Inline:
-    """--workers 1: same code path as the pool, computed in this process when the result is needed."""
-
-    def __init__(self, tok, opts_by_kind, dtype):
-        # single-threaded like a pool worker; the caller's environment is restored in close()
-        self._saved_env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-        limit_threads()
-        self.tok, self.opts, self.dtype = tok, opts_by_kind, dtype
-
-    def submit(self, kind, units, drop=None):
-        tok, opts, dtype = self.tok, self.opts[kind], self.dtype
-
-        class _Deferred:
-            def get(self_inner):
-                return process_batch(tok, units, opts, dtype, drop)
-
-        return _Deferred()
-
-    def close(self, abort=False):
-        for k, v in self._saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class _Pool:
-    """Worker processes. A worker that dies (e.g. killed for memory) fails the run with
-    BrokenProcessPool instead of hanging, which multiprocessing.Pool would do."""
-
-    def __init__(self, workers, tok, kind, model, eod_token, opts_by_kind, dtype):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # fork: no re-import of __main__ (works from notebooks / stdin) and the workers inherit the
-        # loaded tokenizer; the parent never encoded, so no tokenizer thread pool is inherited.
-        fork = sys.platform.startswith("linux")
-        if fork:
-            share_tokenizer(tok, kind, model, eod_token)
-        ctx = mp.get_context("fork" if fork else "spawn")
-        self.pool = ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=init_worker,
-            initargs=(kind, model, eod_token, opts_by_kind, dtype.__name__),
-        )
-
-    def submit(self, kind, units, drop=None):
-        fut = self.pool.submit(run_batch, kind, units, drop)
-
-        class _Result:
-            def get(self_inner):
-                from concurrent.futures.process import BrokenProcessPool
-
-                try:
-                    return fut.result()
-                except BrokenProcessPool as e:
-                    raise DataToolsError(f"a tokenizer worker process died ({e}); if it ran out of memory, use fewer --workers or a smaller --batch-bytes") from None
-
-        return _Result()
-
-    def close(self, abort=False):
-        self.pool.shutdown(wait=True, cancel_futures=abort)
 
 
 def _batches(files: list[tuple[int, str]], opts_by_kind: dict, batch_bytes: int, txt_unit: str):
@@ -429,7 +367,9 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
                  opts_by_kind, dtype, workers, batch_bytes, txt_unit, strict, progress, quiet, keep=None):
     from tqdm import tqdm
 
-    executor = _Inline(tok, opts_by_kind, dtype) if workers == 1 else _Pool(workers, tok, kind, model, eod_token, opts_by_kind, dtype)
+    share_tokenizer(tok, kind, model, eod_token)  # the forked workers (or this process) use the loaded tokenizer
+    args = (kind, model, eod_token, opts_by_kind, dtype.__name__)
+    executor = Inline(setup_worker, *args) if workers == 1 else WorkerPool(workers, init_worker, args, "tokenizer")
     total_bytes = sum(input_size(files[i]) for i, _ in pending)
     bar = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, mininterval=0.5,
@@ -463,7 +403,7 @@ def _run_pending(pending, files, shard_prefix, identities, stats_by_file, tok, k
                 if item[0] == "batch":
                     _, file_no, fkind, units, pos = item
                     drop = keep.for_span(file_no, *_locator_span(fkind, units)) if keep is not None else None
-                    inflight.append(("batch", file_no, executor.submit(fkind, units, drop), pos, units[0][0]))
+                    inflight.append(("batch", file_no, executor.submit(run_batch, fkind, units, drop), pos, units[0][0]))
                 else:
                     inflight.append(item)
             if not inflight:

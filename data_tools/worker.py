@@ -152,6 +152,20 @@ def _selected(subset, opts: ParseOptions) -> bool:
     return True
 
 
+def iter_selected(units: list, opts: ParseOptions, skips: list, filtered: dict):
+    """(line/row number, text, subset) of each document of the batch that parses and passes the subset filter;
+    the others are counted into `skips` ((lineno, reason, detail)) and `filtered` ({subset: count}).
+    tokenize and dedup read documents through this, so they agree on which documents exist."""
+    for lineno, text, subset, skip in iter_parsed(units, opts):
+        if skip is not None:
+            skips.append((lineno, skip[0], skip[1]))
+        elif not _selected(subset, opts):
+            key = subset if subset is not None else "<no subset>"
+            filtered[key] = filtered.get(key, 0) + 1
+        else:
+            yield lineno, text, subset
+
+
 def process_batch(tokenizer, units: list, opts: ParseOptions, dtype, drop: dict | None = None) -> BatchResult:
     """drop: {line/row number: keep-list reason code} of documents a keep-list leaves out (see dedup.py)."""
     texts: list[str] = []
@@ -159,14 +173,7 @@ def process_batch(tokenizer, units: list, opts: ParseOptions, dtype, drop: dict 
     skips: list = []
     filtered: dict = {}
     removed: dict = {}
-    for lineno, text, subset, skip in iter_parsed(units, opts):
-        if skip is not None:
-            skips.append((lineno, skip[0], skip[1]))
-            continue
-        if not _selected(subset, opts):
-            key = subset if subset is not None else "<no subset>"
-            filtered[key] = filtered.get(key, 0) + 1
-            continue
+    for lineno, text, subset in iter_selected(units, opts, skips, filtered):
         if drop and lineno in drop:  # counted per reason and subset, never silently
             key = (drop[lineno], subset if subset is not None else "<no subset>")
             removed[key] = removed.get(key, 0) + 1
@@ -211,12 +218,17 @@ def share_tokenizer(tok, kind: str, model: str, eod_token) -> None:
 def init_worker(kind: str, model: str, eod_token, opts_by_kind: dict, dtype_name: str) -> None:
     import signal
 
-    from .tokenizer import limit_threads, load_tokenizer
-
     # Ctrl-C reaches the whole process group; the main process alone handles it (and stops us)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    setup_worker(kind, model, eod_token, opts_by_kind, dtype_name)
+
+
+def setup_worker(kind: str, model: str, eod_token, opts_by_kind: dict, dtype_name: str) -> None:
+    """What run_batch needs, in a worker or (--workers 1) in the main process: a single-threaded tokenizer."""
+    from .tokenizer import limit_threads, load_tokenizer
+
     limit_threads()
-    if _STATE.get("model") != (kind, model, eod_token):  # not inherited through fork: load it
+    if _STATE.get("model") != (kind, model, eod_token):  # not inherited through fork (or share_tokenizer): load it
         _STATE["tok"] = load_tokenizer(kind, model, eod_token)
         _STATE["model"] = (kind, model, eod_token)
     _STATE["opts"] = opts_by_kind
