@@ -11,7 +11,8 @@ Layout (documented in docs/checkpoints.md):
         rng/rank_R.pt             python/numpy/torch(/cuda) RNG states of global rank R
         run_config.yaml           the fully resolved run config
         trainer_state.json        step, consumed samples, tokens seen, layout (TP, DP, ZeRO), wandb run id
-        COMPLETE                  written last, before the rename
+        COMPLETE                  written last, before the rename: the manifest (size + hash of every file,
+                                  pretrain/manifest.py), verified on resume (resolve_verified)
       .tmp-step_00000200/         a save in progress (or killed mid-way): ignored and cleaned up on the next start
 
 All ranks write into `.tmp-<tag>`; after a barrier rank 0 writes the metadata and COMPLETE and renames the directory
@@ -35,7 +36,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ import torch
 import yaml
 
 from mesh_megatron.config import ConfigError
+from pretrain import manifest
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -107,6 +109,68 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if path.is_dir() and path.name.startswith(".tmp-"):
         raise ConfigError(f"checkpoint.resume: '{path}' is an unfinished save (the process died while writing it); resume from a step_* checkpoint")
     raise ConfigError(f"checkpoint.resume: '{path}' is not a complete checkpoint (no step_* directory with a COMPLETE marker)")
+
+
+def resolve_verified(resume: str, root: Path) -> Path | None:
+    """Collective: `resolve_resume`, then the checkpoint's files checked against the manifest in its COMPLETE marker
+    (existence, size, hash; each rank a share), before anything expensive is built.
+
+    Under `--resume auto` (or a checkpoint root) a damaged checkpoint (a file corrupted, truncated or missing) is
+    moved aside to `<tag>.corrupt` with a one-line message naming the file, and the previous complete checkpoint is
+    verified and used; with none left, CheckpointError. A checkpoint named explicitly is refused with a
+    CheckpointError naming the bad file and the newest earlier checkpoint that verifies. A checkpoint without a
+    manifest (written before integrity checks) is used as it is, with a note."""
+    import torch.distributed as dist
+
+    path = resolve_resume(resume, root)
+    explicit = path is not None and is_complete(Path(resume))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    while path is not None:
+        verdict = manifest.verify(path)
+        if not verdict.manifest:
+            if rank == 0:
+                print(f"[pretrain] {path}: no manifest (written before integrity checks); not verified", flush=True)
+            return path
+        if verdict.ok:
+            if rank == 0:
+                print(f"[pretrain] verified {verdict.files} files ({_fmt_bytes(verdict.bytes)}) of {path.name} in "
+                      f"{verdict.seconds:.1f} s", flush=True)
+            return path
+        bad = _damage(path, verdict)
+        earlier = [p for p in complete_checkpoints(path.parent) if _step_of(p) < _step_of(path)]
+        if explicit:
+            good = next((p for p in reversed(earlier) if manifest.verify(p).ok), None)
+            hint = (f"resume from {good} (the newest earlier checkpoint that verifies) or with --resume auto" if good
+                    else "start from scratch with --resume none")
+            raise CheckpointError(f"{bad}; checkpoint {path.name} is damaged and cannot be resumed from: {hint}")
+        moved = [None]
+        if rank == 0:
+            try:
+                moved[0] = _move_aside(path, "corrupt")
+                if earlier:
+                    write_atomic(path.parent / "latest", f"{earlier[-1].name}\n")
+            except OSError as e:  # the other ranks wait below: they must learn of it, not hang
+                moved[0] = f"could not move it aside ({e.strerror or e})"
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(moved, src=0)
+        if isinstance(moved[0], str):
+            raise CheckpointError(f"{bad}; checkpoint {path.name} is damaged and {moved[0]}: move or delete it, then "
+                                  "resume with --resume auto")
+        if not earlier:
+            raise CheckpointError(f"{bad}; moved {path.name} aside to {moved[0]}, and {path.parent} has no earlier "
+                                  "complete checkpoint: start from scratch with --resume none")
+        if rank == 0:
+            print(f"[pretrain] {bad}; not resuming from {path.name}: moved it to {moved[0]}, using the previous "
+                  f"checkpoint {earlier[-1].name} instead", flush=True)
+        path = earlier[-1]
+    return None
+
+
+def _damage(path: Path, verdict: manifest.Verdict) -> str:
+    """'<file>: <why>' for the first file of a checkpoint that failed verification (and how many more did)."""
+    rel, why = verdict.problems[0]
+    more = f" (and {len(verdict.problems) - 1} more damaged files)" if len(verdict.problems) > 1 else ""
+    return f"{path / rel}: {why}{more}"
 
 
 def clean_stale_temps(root: Path) -> list[Path]:
@@ -277,6 +341,33 @@ def save(engine, cfg, state: TrainerState, root: Path) -> Path:
     Raises CheckpointError on every rank, having written nothing that could be resumed from, when any rank's weights
     or optimizer state hold a NaN/inf, when the filesystem lacks the space the previous checkpoint took, or when a
     write fails (disk full, any OSError); the temp directory is removed and the previous checkpoint stays latest."""
+    return commit(start_save(engine, cfg, state, root))
+
+
+@dataclass
+class PendingSave:
+    """A save whose files are written (or, asynchronously, being written) into `tmp`; `commit` finishes it."""
+
+    cfg: Any
+    state: TrainerState  # a copy taken at the save: the run's own state moves on while an async write goes on
+    root: Path
+    tag: str
+    tmp: Path
+    final: Path
+    previous: Path | None
+    needed: int | None
+    failed: BaseException | None = None  # a write of the training thread that failed on this rank
+    batch: Any = None  # pretrain.async_save.WriteBatch of the background writes, or None (written already)
+
+    def written_here(self) -> bool:
+        """Not collective: whether this rank's files are all written (or failed)."""
+        return self.batch is None or self.batch.done.is_set()
+
+
+def start_save(engine, cfg, state: TrainerState, root: Path, writer=None, batch=None) -> PendingSave:
+    """Collective: the checks (non-finite state, free space; CheckpointError on every rank) and the writes of `save`,
+    which `commit` finishes. With `writer` and `batch` (pretrain.async_save; its SnapshotCheckpointEngine installed as
+    engine.checkpoint_engine) every file is only copied here and written by the writer's thread."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -318,16 +409,41 @@ def save(engine, cfg, state: TrainerState, root: Path) -> Path:
     if failed is None:
         try:
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
-            torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+            if writer is None:
+                torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+            else:
+                writer.submit(batch, rng_state(), tmp / "rng" / f"rank_{rank}.pt")
         except Exception as e:
             failed = e
+    if writer is not None:
+        writer.seal(batch)
+    return PendingSave(cfg=cfg, state=replace(state), root=root, tag=tag, tmp=tmp, final=final, previous=previous,
+                       needed=needed, failed=failed, batch=batch)
+
+
+def commit(pending: PendingSave) -> Path:
+    """Collective: finish a save begun by `start_save`. Waits for this rank's background writes (if any), then, if
+    every rank wrote its files, rank 0 writes the metadata and COMPLETE, renames the directory into place, updates
+    `latest` and prunes. A write that failed on any rank raises the same CheckpointError on every rank (temp
+    directory removed, the previous checkpoint stays latest). Returns the final checkpoint directory."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    cfg, state, root, tag, tmp, final = pending.cfg, pending.state, pending.root, pending.tag, pending.tmp, pending.final
+    previous, needed, failed = pending.previous, pending.needed, pending.failed
+    if pending.batch is not None:
+        pending.batch.done.wait()
+        failed = failed or pending.batch.error
+    _give_up_if_failed(failed, root, tmp, tag, previous, needed)
+    # The manifest's hashes: each rank reads its share of the files, while every rank is still here.
+    hashes, failed = manifest.hash_checkpoint(tmp)
     _give_up_if_failed(failed, root, tmp, tag, previous, needed)
     committed = False
     if rank == 0:
         try:
             write_atomic(tmp / "run_config.yaml", cfg.to_yaml())
             write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2))
-            write_atomic(tmp / "COMPLETE", f"{tag}\n")
+            manifest.write_complete(tmp, tag, hashes)
             _fault_injection_pause(state.step)
             if final.exists():  # re-saving the same step (e.g. end of a run that just saved): swap atomically
                 old = root / f".old-{tag}"
@@ -423,37 +539,51 @@ def read_state(path: Path) -> tuple[TrainerState, dict]:
     return TrainerState(**{k: v for k, v in st.items() if k in known}), run_cfg
 
 
-def check_compatible(path: Path, cfg, dp_size: int) -> TrainerState:
-    """Refuse, with a readable reason, a checkpoint that cannot be loaded into this run's layout / model."""
+# Model fields that do not change the function the weights compute: they may change on resume (with a note).
+RUNTIME_MODEL_FIELDS = ("name", "recompute", "sequence_parallel", "params_dtype", "hidden_dropout", "attention_dropout")
+
+
+def layout_change(state: TrainerState, cfg, dp_size: int, precision: str) -> str | None:
+    """How this run's layout differs from the checkpoint's in ways DeepSpeed's own loader cannot follow (its files
+    are per TP rank, and under ZeRO or the bf16 optimizer per DP rank too), or None. Such a resume goes through
+    DeepSpeed's universal checkpoint (pretrain/universal.py)."""
+    tp, zero = cfg.parallel.tensor_parallel_size, cfg.parallel.zero_stage
+    partitioned = state.zero_stage > 0 or state.precision == "bf16"  # the bf16 optimizer partitions over DP
+    changes = []
+    if state.tensor_parallel_size != tp:
+        changes.append(f"tensor_parallel_size {state.tensor_parallel_size} -> {tp}")
+    if state.zero_stage != zero:
+        changes.append(f"zero_stage {state.zero_stage} -> {zero}")
+    if state.data_parallel_size != dp_size and (partitioned or zero > 0 or precision == "bf16"):
+        changes.append(f"data-parallel size {state.data_parallel_size} -> {dp_size}")
+    if state.precision != precision:
+        changes.append(f"precision {state.precision} -> {precision}")
+    return ", ".join(changes) or None
+
+
+def check_compatible(path: Path, cfg, dp_size: int) -> tuple[TrainerState, list[str]]:
+    """Refuse, with a readable reason, a checkpoint of another model (the fields that define the function the
+    weights compute) or another global batch (it defines the data position). Returns the checkpoint's trainer state
+    and notes on what changes and carries over (runtime knobs; the layout, which resume converts)."""
     state, saved = read_state(path)
     want = cfg.model.to_dict()
     have = saved.get("model", {})
-    diff = [k for k in sorted(set(want) | set(have)) if k != "name" and want.get(k) != have.get(k)]
+    fields = sorted(set(want) | set(have))
+    diff = [k for k in fields if k not in RUNTIME_MODEL_FIELDS and want.get(k) != have.get(k)]
     if diff:
         details = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs config {want.get(k)!r}" for k in diff[:6])
         raise ConfigError(f"{path}: checkpoint was trained with a different model architecture ({details}); resume with the checkpoint's model config")
-    tp = cfg.parallel.tensor_parallel_size
-    if state.tensor_parallel_size != tp:
-        raise ConfigError(
-            f"{path}: checkpoint has tensor_parallel_size={state.tensor_parallel_size} but this run uses {tp}; "
-            f"set --parallel.tensor_parallel_size {state.tensor_parallel_size} (or convert with pretrain.checkpoint.load_full_model_state)"
-        )
-    if state.zero_stage != cfg.parallel.zero_stage:
-        raise ConfigError(
-            f"{path}: checkpoint was saved with ZeRO stage {state.zero_stage} but this run uses {cfg.parallel.zero_stage}; "
-            f"set --parallel.zero_stage {state.zero_stage}"
-        )
-    if state.zero_stage > 0 and state.data_parallel_size != dp_size:
-        raise ConfigError(
-            f"{path}: ZeRO-{state.zero_stage} optimizer states are partitioned over {state.data_parallel_size} data-parallel ranks, "
-            f"this run has {dp_size}; launch with the same number of processes / TP size"
-        )
     if state.global_batch_size != cfg.train.global_batch_size:
         raise ConfigError(
             f"{path}: checkpoint used train.global_batch_size={state.global_batch_size}, this run {cfg.train.global_batch_size}; "
             "the data position is counted in global batches, so keep it unchanged when resuming"
         )
-    return state
+    notes = [f"model.{k} {have.get(k)!r} -> {want.get(k)!r}" for k in fields
+             if k in RUNTIME_MODEL_FIELDS and k != "name" and k in have and want.get(k) != have.get(k)]
+    saved_micro = saved.get("train", {}).get("micro_batch_size")
+    if saved_micro is not None and saved_micro != cfg.train.micro_batch_size:
+        notes.append(f"train.micro_batch_size {saved_micro} -> {cfg.train.micro_batch_size}")
+    return state, notes
 
 
 def load(engine, path: Path, cfg, dp_size: int) -> TrainerState:
@@ -504,12 +634,13 @@ def _step_of(path: Path) -> int:
     return int(TAG_RE.match(path.name).group(1))
 
 
-def _move_aside(path: Path) -> Path:
-    """Rank 0: rename a refused checkpoint out of the step_* namespace (kept for inspection, never resumed from)."""
-    target, n = path.with_name(f"{path.name}.nonfinite"), 1
+def _move_aside(path: Path, suffix: str = "nonfinite") -> Path:
+    """Rank 0: rename a refused checkpoint out of the step_* namespace to `<tag>.<suffix>` (kept for inspection,
+    never resumed from)."""
+    target, n = path.with_name(f"{path.name}.{suffix}"), 1
     while target.exists():
         n += 1
-        target = path.with_name(f"{path.name}.nonfinite-{n}")
+        target = path.with_name(f"{path.name}.{suffix}-{n}")
     os.replace(path, target)
     return target
 
@@ -517,7 +648,24 @@ def _move_aside(path: Path) -> Path:
 def _load_one(engine, path: Path, cfg, dp_size: int) -> TrainerState:
     import torch.distributed as dist
 
-    state = check_compatible(path, cfg, dp_size)
+    state, _ = check_compatible(path, cfg, dp_size)
+    precision = "bf16" if engine.bfloat16_enabled() else "fp32"
+    change = layout_change(state, cfg, dp_size, precision)
+    if change is not None:
+        from megatron.core import parallel_state as ps
+
+        from pretrain import universal
+
+        if dist.get_rank() == 0:
+            print(f"[pretrain] {path}: layout changed ({change}); loading it through DeepSpeed's universal "
+                  f"checkpoint ({path / universal.UNIVERSAL_DIR}, converted once)", flush=True)
+        t0 = time.time()
+        universal.load(engine, path, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+        if dist.get_rank() == 0:
+            print(f"[pretrain] loaded {path.name} into the new layout in {time.time() - t0:.1f}s; RNG states are "
+                  "per rank of the old layout: every rank reseeds from train.seed + step", flush=True)
+        reseed(cfg.train.seed + state.step)
+        return state
     load_path, _ = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -527,6 +675,14 @@ def _load_one(engine, path: Path, cfg, dp_size: int) -> TrainerState:
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def reseed(seed: int) -> None:
+    """After a layout change: the same seed on every rank (as at the start of a run), so replicated computations
+    agree; the data order does not depend on it (batches are a function of the step)."""
+    from pretrain.distributed import set_seed
+
+    set_seed(seed)
 
 
 # --- full model state for export / analysis -----------------------------------------------------------
@@ -573,6 +729,12 @@ def load_full_model_state(ckpt_dir: str | Path) -> tuple[dict, dict[str, torch.T
         if latest is None:
             raise ConfigError(f"{path}: not a complete checkpoint and contains none (missing COMPLETE marker or step_* dirs)")
         path = latest
+    verdict = manifest.verify(path, collective=False)  # this process reads every file (ZeRO-0: most of them anyway)
+    if not verdict.ok:
+        earlier = [p for p in complete_checkpoints(path.parent) if _step_of(p) < _step_of(path)]
+        good = next((p for p in reversed(earlier) if manifest.verify(p, collective=False).ok), None)
+        hint = f"use {good}, the newest earlier checkpoint that verifies" if good else "no earlier checkpoint verifies"
+        raise ConfigError(f"{_damage(path, verdict)}; checkpoint {path.name} is damaged: {hint}")
     state, run_cfg = read_state(path)
     shards = [_fp32_from_deepspeed(path, r, state.zero_stage) for r in range(state.tensor_parallel_size)]
     full = merge_tp_state_dicts(shards)

@@ -131,6 +131,7 @@ class CheckpointConfig:
     save_at_end: bool = True
     resume: str = "none"  # none | auto (latest complete checkpoint in dir, if any) | path of a checkpoint
     max_minutes: float | None = None  # save and stop cleanly after this much wall time (Slurm time limits)
+    async_save: bool = False  # write periodic saves in a background thread (docs/checkpoints.md, Asynchronous save)
 
     def validate(self) -> None:
         if self.save_interval < 0 or self.keep_last < 0:

@@ -216,6 +216,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def any_rank_each(*flags: bool) -> list[bool]:
+    """`any_rank` of several flags in one all-reduce: each true on every rank if it is true on any rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
+
+
 def assert_replicated_in_sync(model: torch.nn.Module) -> None:
     """Raise if any TP-replicated parameter (LayerNorms, routers, biases of row-parallel layers) differs between the
     ranks of this TP group. They get identical gradients by construction; a drift means a missing all-reduce."""

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mesh_megatron.config import ConfigError
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as pd
-from pretrain import run_lock
+from pretrain import run_lock, universal
 from pretrain.config import RunConfig
 from pretrain.data import build_datasets, eval_micro_batches, train_micro_batches
 from pretrain.data_checks import check_data
@@ -204,6 +204,8 @@ class Trainer:
         self.stop = _StopFlag()
         self.guard = NumericsGuard(cfg.train)
         self.run_lock: run_lock.RunLock | None = None  # rank 0's, from setup() to release()
+        self.saver = None  # pretrain.async_save.AsyncSaver, from the first checkpoint.async_save save to the loop's end
+        self.save_written = False  # should_stop's verdict: every rank has written the pending async save
 
     def setup(self) -> None:
         """Data checked, process groups joined, the run directory locked and prepared, and the checkpoint to resume
@@ -233,10 +235,13 @@ class Trainer:
             if stale:
                 print(f"[pretrain] removed unfinished checkpoint saves: {', '.join(p.name for p in stale)}", flush=True)
         pd.barrier()
-        # Refuse an incompatible checkpoint before paying for the model build.
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.root)
+        # Refuse a damaged or incompatible checkpoint before paying for the model build.
+        self.resume_from = ckpt.resolve_verified(cfg.checkpoint.resume, self.root)
         if self.resume_from is not None:
-            ckpt.check_compatible(self.resume_from, cfg, self.dp_size)
+            _, notes = ckpt.check_compatible(self.resume_from, cfg, self.dp_size)
+            if notes and self.is_main:
+                print(f"[pretrain] note: resuming {self.resume_from.name} with changed runtime settings (they do not "
+                      f"change the model's function): {', '.join(notes)}", flush=True)
 
     def _lock_run_dirs(self) -> None:
         """One run per directory, decided before anything is built or written. Rank 0 takes the lock (the process
@@ -275,6 +280,9 @@ class Trainer:
         pd.set_seed(t.seed)
         t_phase = time.time()
         model = MeshGPTModel(cfg.model)
+        # How each parameter is split over TP, saved with every checkpoint and used to load one into another layout.
+        universal.attach_info(model)
+        universal.mark_tp_layout(model, self.tp_size)
         self.phases["model"] = time.time() - t_phase
         t_phase = time.time()
         ds_config = deepspeed_config(cfg, self.dp_size, self.precision)
@@ -303,6 +311,9 @@ class Trainer:
                 print(f"[pretrain] note: train_iters changed {self.state.train_iters} -> {t.train_iters}; the LR "
                       "schedule and the sample order are those of the new value from here on", flush=True)
             self.state.train_iters = t.train_iters
+            # the checkpoints this run writes are in this run's layout (the loaded one may have been another)
+            self.state.tensor_parallel_size, self.state.data_parallel_size = self.tp_size, self.dp_size
+            self.state.zero_stage, self.state.precision = cfg.parallel.zero_stage, self.precision
             if self.is_main:
                 print(f"[pretrain] resumed from {resume_from} at step {self.state.step} "
                       f"({self.state.tokens_seen:,} tokens seen)", flush=True)
@@ -359,11 +370,18 @@ class Trainer:
                 if self.should_stop():
                     self.stop_run()
                     break
+                if self.save_written:
+                    self.commit_save()
                 if save_interval and self.state.step % save_interval == 0:
-                    self.save()
+                    self.save(background=self.cfg.checkpoint.async_save)
             if self.stopped_by is None:
                 self.finish()
         finally:
+            if self.saver is not None:
+                # Normally nothing is pending here; after an exception the pending save is not committed (its
+                # .tmp-* directory is removed at the next start) and the writer stops before its next file.
+                self.saver.close(abandon=True)
+                self.saver = None
             # Loggers close after the last checkpoint and still under our handler, so a SIGTERM meanwhile (preemption
             # at the very end) cannot kill a run whose work is saved; close() never raises (wandb is best effort).
             self.metrics.close()
@@ -508,11 +526,20 @@ class Trainer:
             )
 
     def should_stop(self) -> bool:
-        """True on every rank if any rank was signalled, ran out of time or reached exit_at_step (an all-reduce)."""
+        """True on every rank if any rank was signalled, ran out of time or reached exit_at_step (an all-reduce).
+        While an async save is pending the same all-reduce also tells whether any rank is still writing it
+        (`save_written` then says every rank is done, so the loop commits it)."""
         t, max_minutes = self.t, self.cfg.checkpoint.max_minutes
         out_of_time = max_minutes is not None and (time.time() - self.started) > 60 * max_minutes
         exit_now = t.exit_at_step is not None and self.state.step >= t.exit_at_step
-        if not pd.any_rank(self.stop.signal is not None or out_of_time or exit_now):
+        stop_here = self.stop.signal is not None or out_of_time or exit_now
+        pending = self.saver.pending if self.saver is not None else None
+        if pending is None:
+            stop, self.save_written = pd.any_rank(stop_here), False
+        else:
+            stop, still_writing = pd.any_rank_each(stop_here, not pending.written_here())
+            self.save_written = not still_writing
+        if not stop:
             return False
         # Launchers deliver a signal to each rank separately (srun via every node's slurmstepd), so another rank may
         # have stopped us before ours arrives: it is still on its way, and must not kill us.
@@ -533,13 +560,29 @@ class Trainer:
         """End of training: validation and test, and a last checkpoint unless this step already has one."""
         self.run_evals("valid", self.valid_ds)
         self.run_evals("test", self.test_ds)
+        self.commit_save()  # a background save still being written: the run waits for it and commits it
         last = self.last_ckpt
         if self.cfg.checkpoint.save_at_end and (last is None or last.name != ckpt.tag_for(self.state.step)):
             self.save()
 
-    def save(self) -> None:
+    def save(self, background: bool = False) -> None:
         """A checkpoint of this step (collective: every rank writes its shards). A save refused or failed on any rank
-        (non-finite state, disk full) raises CheckpointError on every rank, after an event in the metrics."""
+        (non-finite state, disk full) raises CheckpointError on every rank, after an event in the metrics.
+
+        An async save still pending is committed first (at most one in flight). `background`: only copy the state
+        now; the files are written by a background thread and the loop commits them once every rank is done."""
+        self.commit_save()
+        if background:
+            if self.saver is None:
+                from pretrain.async_save import AsyncSaver
+
+                self.saver = AsyncSaver(self.engine)
+            try:
+                self.saver.start(self.cfg, self.state, self.root)
+            except ckpt.CheckpointError as e:
+                self.metrics.log({"event": "checkpoint_failed", "step": self.state.step, "reason": str(e)})
+                raise
+            return
         try:
             self.last_ckpt = ckpt.save(self.engine, self.cfg, self.state, self.root)
         except ckpt.CheckpointError as e:
@@ -548,6 +591,26 @@ class Trainer:
         if self.is_main:
             self.metrics.log({"event": "checkpoint", "step": self.state.step, "path": str(self.last_ckpt)},
                              console=f"[pretrain] saved checkpoint {self.last_ckpt}")
+
+    def commit_save(self) -> None:
+        """Collective: commit the pending async save, if any, waiting for this rank's writes first. A write that
+        failed on any rank raises CheckpointError on every rank, as a synchronous save does."""
+        if self.saver is None or self.saver.pending is None:
+            return
+        pending = self.saver.pending
+        step, batch = pending.state.step, pending.batch
+        try:
+            self.last_ckpt = self.saver.commit()
+        except ckpt.CheckpointError as e:
+            self.metrics.log({"event": "checkpoint_failed", "step": step, "reason": str(e)})
+            raise
+        finally:
+            self.save_written = False
+        if self.is_main:
+            self.metrics.log({"event": "checkpoint", "step": step, "path": str(self.last_ckpt), "async": True,
+                              "committed_after_step": self.state.step, "snapshot_s": batch.snapshot_s},
+                             console=f"[pretrain] saved checkpoint {self.last_ckpt} (written in the background; "
+                             f"committed after step {self.state.step})")
 
     def release(self) -> None:
         """Let go of the run-directory lock (rank 0), so the next run in this process or another can take it."""

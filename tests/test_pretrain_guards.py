@@ -249,6 +249,8 @@ def test_save_refuses_a_nonfinite_state(data_prefix, tmp_path, zero):
 
 def test_resume_refuses_a_nonfinite_checkpoint_and_uses_the_previous_one(data_prefix, tmp_path, capsys):
     """A checkpoint that is non-finite on disk (written before saves were checked, or corrupted since)."""
+    from pretrain import manifest
+
     d = run_config(data_prefix, tmp_path / "run", **{"checkpoint.resume": "auto"})
     with trainer(d) as t:
         t.train_step()
@@ -263,6 +265,7 @@ def test_resume_refuses_a_nonfinite_checkpoint_and_uses_the_previous_one(data_pr
         sd = torch.load(f, weights_only=False)
         sd["module"]["final_ln.weight"][0] = float("nan")
         torch.save(sd, f)
+        manifest.write_complete(ck, ck.name, {})  # saved non-finite (before saves were checked): the files verify
 
     corrupt(root / "step_00000002")
     capsys.readouterr()
@@ -502,6 +505,7 @@ def worker(spec_path: str) -> None:
                 base = osd.get("base_optimizer_state") or osd["optimizer_state_dict"]  # ZeRO 1/2 | ZeRO-3
             base["state"][0]["exp_avg"].view(-1)[0] = float("nan")
             torch.save(sd, f)
+            ckpt.manifest.write_complete(f.parent, f.parent.name, {})  # saved so: the files verify, the values do not
         dist.barrier()
         d["checkpoint"]["resume"] = "auto"
         buf = io.StringIO()
