@@ -27,7 +27,9 @@ The estimate is validated against tensors measured on CPU for the tiny configs (
 is not yet validated against torch.cuda.max_memory_allocated (no GPU was available).
 
 Refuses (exit 2, with the reason and a fix) a layout whose sizes do not divide (heads, FFN or vocabulary % TP,
-GPUs % TP, global batch % (micro x DP)) or whose estimate exceeds the GPU memory minus the headroom.
+GPUs % TP, global batch % (micro x DP): naming the node counts that divide) or whose estimate exceeds the GPU memory
+minus the headroom. When the run's checkpoint directory holds a checkpoint, the plan says which layout it was saved
+in and that resuming converts it; one of another model or global batch is refused, as the trainer would.
 
 A given throughput is checked against the GPU: tokens/s x flops_per_token (mesh_megatron/params.py) / the dense bf16
 peak of the trainer's table (pretrain/metrics.py PEAK_TFLOPS; --gpu, else logging.peak_tflops, else the fastest GPU
@@ -234,11 +236,8 @@ def estimate(cfg: ModelConfig, layout: Layout) -> Plan:
     dp = max(L.world // tp, 1)
     per_step = L.micro_batch * dp
     grad_accum = L.global_batch // per_step if per_step else 0
-    if per_step == 0 or L.global_batch % per_step:
-        problems.append(
-            f"train.global_batch_size: {L.global_batch} is not divisible by micro_batch_size x data-parallel size = "
-            f"{L.micro_batch} x {dp} = {per_step}; choose micro_batch_size / nodes so that it divides"
-        )
+    if batch := batch_problem(L):
+        problems.append(batch)
     if L.zero not in (0, 1, 2, 3):
         problems.append(f"parallel.zero_stage: must be 0..3, got {L.zero}")
     if L.precision not in ("bf16", "fp32"):
@@ -271,6 +270,53 @@ def estimate(cfg: ModelConfig, layout: Layout) -> Plan:
         states=states, activations=acts, mesh_buffer=buf, logits=logits, buffers=buffers, total=total,
         tokens_per_step=L.global_batch * cfg.seq_length, problems=problems,
     )
+
+
+def batch_problem(L: Layout) -> str | None:
+    """Why the global batch does not split into micro-batches over this layout's data-parallel ranks (None if it
+    does), with the node counts that work: a resumed run must keep its global batch (it counts the data position),
+    so on another node count the micro-batch or the node count is what can change."""
+    dp = max(L.world // L.tp, 1)
+    per_step = L.micro_batch * dp
+    if per_step and L.global_batch % per_step == 0:
+        return None
+    per_node = max(L.gpus_per_node, 1)
+    # DP can be at most global / micro; a node count works when its ranks split into TP groups and DP divides
+    most = max(L.global_batch // max(L.micro_batch, 1) * L.tp // per_node, 1)
+    nodes = [n for n in range(1, most + 1)
+             if (n * per_node) % L.tp == 0 and L.global_batch % (L.micro_batch * (n * per_node // L.tp)) == 0]
+    works = (f"with micro_batch_size {L.micro_batch}, {per_node} rank{'s' if per_node > 1 else ''} per node and TP {L.tp}: --nodes "
+             f"{', '.join(map(str, nodes))} work" if nodes else f"no node count works with micro_batch_size {L.micro_batch}")
+    micros = [m for m in range(1, L.global_batch // dp + 1) if L.global_batch % (m * dp) == 0]
+    here = (f"; or at {L.nodes} nodes a micro_batch_size of {', '.join(map(str, micros[-4:]))}" if micros
+            else f"; at {L.nodes} nodes (DP {dp}) no micro_batch_size divides it")
+    return (f"train.global_batch_size: {L.global_batch} is not divisible by micro_batch_size x data-parallel size = "
+            f"{L.micro_batch} x {dp} = {per_step}; the global batch must be a multiple of micro_batch_size x DP: "
+            f"{works}{here}")
+
+
+def checkpoint_layout(run_cfg, root: Path, layout: Layout) -> str | None:
+    """A note on resuming the latest complete checkpoint under `root` in `layout` (None without one): its layout, this
+    one, and whether the trainer converts it on load (pretrain.checkpoint.layout_change decides, as on resume).
+    Raises ConfigError, as the trainer would at the job's start, for a checkpoint of another model or global batch."""
+    from pretrain import checkpoint as ckpt  # imports torch (~2 s): only when a checkpoint is there to compare
+
+    latest = ckpt.latest_checkpoint(root)
+    if latest is None:
+        return None
+    dp = max(layout.world // run_cfg.parallel.tensor_parallel_size, 1)
+    state, _ = ckpt.check_compatible(latest, run_cfg, dp)
+    change = ckpt.layout_change(state, run_cfg, dp, layout.precision)
+    saved = f"TP {state.tensor_parallel_size} x DP {state.data_parallel_size} ZeRO-{state.zero_stage}"
+    now = f"TP {run_cfg.parallel.tensor_parallel_size} x DP {dp} ZeRO-{run_cfg.parallel.zero_stage}"
+    precision = f" ({state.precision} -> {layout.precision})" if state.precision != layout.precision else ""
+    if change is not None:
+        how = "converted on load"
+    elif saved != now:
+        how = "loaded as saved (fp32 ZeRO-0 keeps the whole optimizer state on every rank)"
+    else:
+        return f"resuming {latest.name} in {root}, saved on the same layout ({saved})"
+    return f"resuming {latest.name} saved on {saved} as {now}{precision}: {how}"
 
 
 def _divisors_hint(cfg: ModelConfig) -> str:
@@ -480,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{args.throughput_json} ('{cfg.name}')"
         gpu = gpu_peak(run, args.gpu) if tps else None
         warning = check_throughput(cfg, tps, source, gpu, layout.world) if tps else ""
+        resume = resume_note(run, job["config"], layout) if plan.fits else None  # a refused layout is reported as such
     except ConfigError as e:
         print(f"mesh-plan: {e}", file=sys.stderr)
         return 2
@@ -490,7 +537,20 @@ def main(argv: list[str] | None = None) -> int:
         iters = (run.get("train") or {}).get("train_iters")
         tokens = float(iters) * plan.tokens_per_step if iters else PYTHIA_TRAIN_TOKENS
     print(report(plan, tps, tokens, args.scaling_efficiency, gpu))
+    if resume:
+        print(f"checkpoint: {resume}")
     return 0 if plan.fits else 2
+
+
+def resume_note(run: dict[str, Any], source: str, layout: Layout) -> str | None:
+    """`checkpoint_layout` for the run's checkpoint directory (checkpoint.dir, else <logging.dir>/checkpoints, as the
+    trainer resolves it, relative to the current directory)."""
+    import copy
+
+    from pretrain.config import build_run_config
+
+    run_cfg = build_run_config(copy.deepcopy(run), source=str(source))
+    return checkpoint_layout(run_cfg, run_cfg.checkpoint_dir, layout)
 
 
 if __name__ == "__main__":

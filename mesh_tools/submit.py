@@ -12,7 +12,11 @@ Before anything is queued (each failure is one line with the fix, exit 2, nothin
     working directory (the submit directory, or --sbatch-arg=--chdir=DIR);
   - the python the job runs finds torch, deepspeed, megatron.core and this project. That python is this command's
     own interpreter (sys.executable), passed to the job as MESH_PYTHON, or MESH_PYTHON when it is already set;
-  - for GPU jobs, `mesh-plan` says the layout divides and fits.
+  - for GPU jobs, `mesh-plan` says the layout divides and fits; for CPU jobs, that the global batch splits into
+    micro-batches over the ranks (the message names the node counts that work);
+  - when the run's checkpoint directory already holds a checkpoint (a resubmission), that the trainer will take it:
+    the same model and global batch. Another layout (--nodes, TP size, ZeRO stage) is fine: a one-line note says the
+    trainer converts it on load (pretrain/universal.py).
 --force submits despite a failed data, python or layout check (e.g. data that a job this one depends on creates);
 --dry-run reports them and prints the commands.
 `--chain K` submits K jobs, each starting after the previous one ends (`--dependency=afterany:<id>`); each
@@ -33,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from mesh_megatron.config import ConfigError, ModelConfig
-from mesh_tools.plan import estimate, job_from_args, layout_from_run, load_run_dict, report
+from mesh_tools.plan import (batch_problem, checkpoint_layout, estimate, job_from_args, layout_from_run, load_run_dict,
+                             report)
 
 SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"
 # What `python -m pretrain` needs in the job's interpreter. Found, not imported: importing them takes seconds.
@@ -200,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = resolve_run_config(at_workdir(job["config"]), job["overrides"], extra)
         run = load_run_dict(at_workdir(job["config"]), job["overrides"])
         cfg = ModelConfig.from_dict(run["model"], source=job["config"])
+        resolved = run_cfg.to_dict()  # the layout with the trainer arguments after `--` too (e.g. --parallel.zero_stage)
         if int(job["gpus_per_node"]) > 0:
-            layout = layout_from_run(run, int(job["nodes"]), int(job["gpus_per_node"]), float(job.get("gpu_memory_gb", 80)))
+            layout = layout_from_run(resolved, int(job["nodes"]), int(job["gpus_per_node"]), float(job.get("gpu_memory_gb", 80)))
             plan = estimate(cfg, layout)
             print(report(plan, None, 0, 1.0).rsplit("\ntime to train", 1)[0])
             if not plan.fits and not args.force:
@@ -209,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
                 for p in plan.problems:
                     print(f"  - {p}", file=sys.stderr)
                 return 2
+        else:  # CPU nodes, one gloo rank each: no memory plan, but the batch must still split over the ranks
+            layout = layout_from_run(resolved, int(job["nodes"]), 1, 0)
+            if (batch := batch_problem(layout)) and not args.force:
+                print(f"mesh-submit: not submitted: {batch}", file=sys.stderr)
+                return 2
+        # A resubmission (or a chain) into a run directory with a checkpoint: the trainer resumes it, converting it
+        # when this layout (nodes, TP, ZeRO) differs; one of another model or global batch it would refuse.
+        note = checkpoint_layout(run_cfg, at_workdir(str(run_cfg.checkpoint_dir)), layout)
+        if note:
+            print(f"mesh-submit: {note}")
         problems = data_problems(run_cfg, workdir)
     except ConfigError as e:
         print(f"mesh-submit: {e}", file=sys.stderr)

@@ -59,6 +59,60 @@ def test_refuses_global_batch_not_divisible(capsys):
     assert rc == 2 and "1024 is not divisible by micro_batch_size x data-parallel size = 8 x 24 = 192" in out
 
 
+def test_a_batch_that_does_not_divide_names_the_node_counts_that_work(capsys):
+    # what a resubmission on another node count meets: the global batch stays (it is the data position)
+    rc = main(["--config", "configs/pythia-160m-vanilla.yaml", "--nodes", "3", "--gpus-per-node", "8", "--micro-batch", "8",
+               "--global-batch", "1024"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "the global batch must be a multiple of micro_batch_size x DP" in out, out
+    assert "with micro_batch_size 8, 8 ranks per node and TP 1: --nodes 1, 2, 4, 8, 16 work" in out, out
+    assert "at 3 nodes (DP 24) no micro_batch_size divides it" in out, out
+    rc = main(["--config", "configs/pythia-160m-vanilla.yaml", "--nodes", "6", "--gpus-per-node", "8", "--tp", "2",
+               "--micro-batch", "8", "--global-batch", "96"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "96 is not divisible by micro_batch_size x data-parallel size = 8 x 24 = 192" in out, out
+    assert "TP 2: --nodes 1, 3 work; or at 6 nodes a micro_batch_size of 1, 2, 4" in out, out  # DP 4 or 12
+
+
+def write_checkpoint_metadata(config: str, overrides: dict[str, str], **state) -> Path:
+    """The metadata of a complete checkpoint as the trainer writes it (run_config.yaml from its own RunConfig,
+    trainer_state.json, COMPLETE) in the run's checkpoint directory: what mesh-plan / mesh-submit read of one."""
+    import dataclasses
+    import json
+
+    from pretrain.checkpoint import TrainerState, tag_for
+    from pretrain.config import load_run_config
+
+    run_cfg = load_run_config(config, overrides)
+    st = TrainerState(global_batch_size=run_cfg.train.global_batch_size, **state)
+    path = run_cfg.checkpoint_dir / tag_for(st.step)
+    path.mkdir(parents=True)
+    (path / "run_config.yaml").write_text(run_cfg.to_yaml())
+    (path / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(st)))
+    (path / "COMPLETE").write_text(f"{path.name}\n")
+    return path
+
+
+def test_plan_reports_the_checkpoint_layout_it_would_resume_and_converts(tmp_path, capsys):
+    config = str(Path("configs/pythia-160m-mesh.yaml").resolve())
+    run_dir = tmp_path / "run"
+    write_checkpoint_metadata(config, {"logging.dir": str(run_dir)}, step=500, tensor_parallel_size=2,
+                              data_parallel_size=16, zero_stage=1, precision="bf16")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"config: {config}\nnodes: 2\ngpus_per_node: 8\noverrides:\n  logging.dir: {run_dir}\n"
+                   "  train.micro_batch_size: 8\n")
+    # 4 nodes at TP 2 were saved; 2 nodes at TP 1 (and ZeRO-2) planned: accepted, converted on load
+    rc = main(["--job", str(job), "--zero", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "OK: the layout divides and fits" in out, out
+    assert ("checkpoint: resuming step_00000500 saved on TP 2 x DP 16 ZeRO-1 as TP 1 x DP 16 ZeRO-2: converted on "
+            "load") in out, out
+    # another global batch would be refused by the trainer at the job's start: refused here
+    rc = main(["--job", str(job), "--global-batch", "512"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint used train.global_batch_size=1024, this run 512" in err, err
+
+
 def test_refuses_a_layout_that_does_not_fit_and_says_what_to_change(capsys):
     rc = main(["--config", "configs/pythia-6.9b-vanilla.yaml", "--nodes", "1", "--gpus-per-node", "8", "--tp", "1",
                "--zero", "0", "--micro-batch", "16", "--global-batch", "128", "--recompute", "none"])

@@ -4,7 +4,9 @@ namespace), the project's own slurm/pretrain.sbatch submitted with --nodes=2 on 
 1. the launch smoke trainer (slurm/smoke_train.py): rendezvous across the two nodes, all-reduce, checkpoint;
 2. the real trainer (`python -m pretrain`, tiny MeSH config) submitted with mesh-submit --chain 2: job 1 trains and
    checkpoints, gets the time-limit signal (SIGUSR1 to the batch shell, as --signal=B:USR1@300 sends it), saves,
-   requeues itself, resumes from its checkpoint and finishes; job 2 (afterany dependency) resumes the finished run.
+   requeues itself, resumes from its checkpoint and finishes; job 2 (afterany dependency) resumes the finished run;
+3. another node count: a 2-node (2-rank, ZeRO-1) run's checkpoint resubmitted with --nodes 1 is converted, resumed
+   and finished with the uninterrupted run's losses.
 
 Needs root (daemons, namespaces) and Debian's slurm-wlm + munge; installs them with apt-get if missing. Skips with
 the reason where not root, apt is unreachable or namespaces are not permitted. The cluster is always torn down.
@@ -117,6 +119,26 @@ def test_smoke_launch_two_nodes(cluster):
     assert (d / "smoke-ckpt" / "step_0000006.pt").exists()
 
 
+def test_a_pending_job_given_fewer_nodes_starts_one_task_per_node_it_has(cluster):
+    """A job submitted for 2 nodes whose request is changed while it pends (as after a requeue: `scontrol update
+    NumNodes=1 NumTasks=1`) runs 1 task on its 1 node: not the 2 of its submission's SLURM_NTASKS, both on one node."""
+    env, d = dict(cluster["env"]), cluster["dir"]
+    env["MESH_ENTRY"] = str(ROOT / "slurm" / "smoke_train.py")
+    res = _run(["sbatch", "--parsable", "--hold", "--nodes=2", "--ntasks-per-node=1", f"--output={d}/shrink-%j.out",
+                f"--chdir={ROOT}", str(ROOT / "slurm" / "pretrain.sbatch"), "--checkpoint.dir", str(d / "shrink-ckpt"),
+                "--train.train_iters", "3", "--smoke.step_seconds", "0.01"], 60, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    jid = res.stdout.strip().split(";")[0]
+    for cmd in (["update", f"JobId={jid}", "NumNodes=1", "NumTasks=1"], ["release", jid]):
+        assert _run(["scontrol", *cmd], 30, env=env).returncode == 0
+    info = wait_job(env, jid, 120)
+    text = (d / f"shrink-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+    assert "1 nodes x 1 tasks = 1 tasks (the job was submitted for 2)" in text, text
+    assert "rank 0/1 on node1" in text and "/2 on" not in text, text
+    assert "finished step 3: total=3.0 expected=3.0 OK" in text, text
+
+
 def _tiny_corpus(d: Path) -> str:
     """A few hundred documents of the shipped sample, tokenized with the shipped SentencePiece model (seconds)."""
     import io
@@ -188,6 +210,62 @@ def test_pretrain_trains_checkpoints_requeues_and_resumes(cluster):
     assert ckpts[-1] == f"step_{iters:08d}", ckpts
     steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(s for s in steps if s is not None) == iters
+
+
+def test_resubmitted_on_one_node_resumes_a_two_node_checkpoint(cluster):
+    """A run saved by 2 ranks on 2 nodes (ZeRO-1: the optimizer state is partitioned over both) is resubmitted with
+    --nodes 1: mesh-submit says it converts, the 1-rank job converts the checkpoint once into <step>/universal/,
+    resumes and finishes, with the losses of the uninterrupted 2-rank run."""
+    env, d = dict(cluster["env"]), cluster["dir"]
+    prefix = str(d / "data" / "small_text_document")
+    if not Path(prefix + ".idx").exists():
+        prefix = _tiny_corpus(d)
+    logs, iters, save_at = d / "nodes-logs", 6, 3
+
+    def submit(nodes: int, run_dir: Path) -> subprocess.CompletedProcess:
+        return _run([sys.executable, "-m", "mesh_tools.submit", "--config", "configs/demo.yaml", "--nodes", str(nodes),
+                     "--gpus-per-node", "0", "--job-name", f"nodes{nodes}", "--log-dir", str(logs), "--time", "00:10:00",
+                     "--", "--data.paths", f"[{prefix}]", "--logging.dir", str(run_dir), "--train.train_iters", str(iters),
+                     "--checkpoint.save_interval", str(save_at), "--checkpoint.keep_last", "0", "--train.eval_interval",
+                     "0", "--train.log_interval", "1", "--parallel.zero_stage", "1", "--logging.wandb.mode", "disabled",
+                     "--data.split", "80,10,10"], 60, env=env, cwd=ROOT)
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+
+    # the uninterrupted 2-rank run, which saves step 3 on the way
+    two = d / "two-nodes"
+    sub = submit(2, two)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    jid = re.search(r"submitted job\(s\) (\d+)", sub.stdout).group(1)
+    info = wait_job(env, jid, 400)
+    text = (logs / f"nodes2-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+    assert "world 2 = TP 1 x DP 2" in text, text
+
+    # its step-3 checkpoint, as a run stopped there would have left it, resubmitted on one node
+    one = d / "one-node"
+    step = f"step_{save_at:08d}"
+    shutil.copytree(two / "checkpoints" / step, one / "checkpoints" / step)
+    sub = submit(1, one)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    assert (f"mesh-submit: resuming {step} saved on TP 1 x DP 2 ZeRO-1 as TP 1 x DP 1 ZeRO-1: converted on load"
+            in sub.stdout), sub.stdout
+    jid = re.search(r"submitted job\(s\) (\d+)", sub.stdout).group(1)
+    info = wait_job(env, jid, 400)
+    text = (logs / f"nodes1-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+    assert "world 1 = TP 1 x DP 1" in text and "layout changed (data-parallel size 2 -> 1)" in text, text
+    assert re.search(rf"resumed from \S*{step} at step {save_at}\b", text), text
+    assert re.search(rf"step\s+{iters}/{iters}", text), text
+    assert (one / "checkpoints" / step / "universal" / "zero" / "optimizer_state.pt").is_file()
+    print(re.search(r"loaded \S+ into the new layout in [\d.]+s", text).group(0))  # the conversion's cost (docs)
+    # the same steps as the uninterrupted run: the global batch is the same, only the summation order changed
+    ref, got = losses(two), losses(one)
+    assert sorted(got) == list(range(save_at + 1, iters + 1)), got
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), (s, got, ref)
 
 
 def test_scancel_with_wandb_offline_saves_exits_0_and_resumes(cluster):

@@ -200,3 +200,50 @@ def test_submit_refuses_a_python_without_the_training_stack(tmp_path, monkeypatc
     rc = submit_main(_tiny_submit())
     err = capsys.readouterr().err
     assert rc == 2 and f"MESH_PYTHON={tmp_path}/no-such-python: not an executable python" in err, err
+
+
+# --- resubmitting a run on another node count / layout ----------------------------------------------------------
+
+
+def test_submit_resumes_a_checkpoint_of_another_layout_and_refuses_a_batch_that_cannot_split(tmp_path, monkeypatch,
+                                                                                             capsys, no_sbatch):
+    from test_plan import write_checkpoint_metadata
+
+    tmp_path = tmp_path.resolve()
+    monkeypatch.chdir(tmp_path)
+    _prefix(tmp_path)
+    run_dir = tmp_path / "run"
+    # 2 CPU nodes (DP 2) under ZeRO-1 saved step 4; tiny: global batch 16 = micro 8 x DP x accumulation
+    write_checkpoint_metadata(TINY, {"logging.dir": str(run_dir), "parallel.zero_stage": "1"}, step=4,
+                              tensor_parallel_size=1, data_parallel_size=2, zero_stage=1, precision="fp32")
+
+    def submit(nodes: str, *trainer: str) -> tuple[int, str, str]:
+        rc = submit_main(["--config", TINY, "--nodes", nodes, "--gpus-per-node", "0", "--dry-run", "--", "--data.paths",
+                          "[data/x]", "--logging.dir", str(run_dir), "--parallel.zero_stage", "1", *trainer])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, out, err = submit("1")
+    assert rc == 0 and "mesh-submit: resuming step_00000004 saved on TP 1 x DP 2 ZeRO-1 as TP 1 x DP 1 ZeRO-1: " \
+                       "converted on load" in out, out + err
+    assert "would run: " in out and "would not submit" not in err, err
+    # another ZeRO stage on the same 2 nodes: converted as well
+    rc, out, err = submit("2", "--parallel.zero_stage", "0")
+    assert rc == 0 and "saved on TP 1 x DP 2 ZeRO-1 as TP 1 x DP 2 ZeRO-0: converted on load" in out, out + err
+    # 3 CPU ranks cannot split 16 sequences of micro-batch 8: refused before queueing, naming what works
+    rc, out, err = submit("3")
+    assert rc == 2 and "would run" not in out, out
+    assert ("mesh-submit: not submitted: train.global_batch_size: 16 is not divisible by micro_batch_size x "
+            "data-parallel size = 8 x 3 = 24; the global batch must be a multiple of micro_batch_size x DP: with "
+            "micro_batch_size 8, 1 rank per node and TP 1: --nodes 1, 2 work") in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    # a new global batch would be refused by the trainer at the job's start (the data position): refused now
+    rc, out, err = submit("1", "--train.global_batch_size", "32")
+    assert rc == 2 and "checkpoint used train.global_batch_size=16, this run 32" in err, err
+    assert len(err.strip().splitlines()) == 1 and "would run" not in out, err
+    # fp32 ZeRO-0 keeps the whole optimizer state on every rank: a new DP size alone loads the files as they are
+    run_dir = tmp_path / "zero0"
+    write_checkpoint_metadata(TINY, {"logging.dir": str(run_dir)}, step=2, data_parallel_size=2, precision="fp32")
+    rc, out, err = submit("1", "--parallel.zero_stage", "0")
+    assert rc == 0 and ("resuming step_00000002 saved on TP 1 x DP 2 ZeRO-0 as TP 1 x DP 1 ZeRO-0: loaded as saved"
+                        in out), out + err
