@@ -151,3 +151,26 @@ def test_mesh_checkpoint_info_verify_convert(runs, tmp_path):
     assert bad.returncode == 1 and f"{victim.name}: content differs" in bad.stdout, bad.stdout
     missing = cli("info", tmp_path / "nothing")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "mesh-checkpoint: error:" in missing.stderr
+
+
+def test_checkpoint_from_before_this_change_converts(runs, tmp_path):
+    """A checkpoint as main wrote it before elastic resume (no TP-split info in its model-states files, plain-text
+    COMPLETE) converts; its universal form holds the same full fp32 weights the export reads."""
+    import shutil
+
+    from deepspeed.checkpoint.constants import PARAM, UNIVERSAL_CHECKPOINT_INFO
+
+    from pretrain.checkpoint import load_full_model_state
+    from pretrain.universal import convert
+
+    old = tmp_path / "step_00000006"
+    shutil.copytree(runs["step3"].parent / "step_00000006", old)
+    for f in old.glob("*model_states.pt"):
+        sd = torch.load(f, weights_only=False)
+        assert sd.pop(UNIVERSAL_CHECKPOINT_INFO, None) is not None
+        torch.save(sd, f)
+    (old / "COMPLETE").write_text("step_00000006\n")
+    uni = convert(old)
+    _, full = load_full_model_state(old)
+    for name, w in full.items():
+        assert torch.equal(torch.load(uni / "zero" / name / "fp32.pt", weights_only=False)[PARAM], w), name
