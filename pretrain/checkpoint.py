@@ -66,6 +66,7 @@ class TrainerState:
     global_batch_size: int = 0
     train_iters: int = 0
     precision: str = "fp32"
+    grad_accum_dtype: str = ""  # "" in checkpoints written before it was recorded: bf16 runs accumulated in bf16
     wandb_id: str | None = None
     saved_at: float = 0.0
 
@@ -558,6 +559,10 @@ def layout_change(state: TrainerState, cfg, dp_size: int, precision: str) -> str
         changes.append(f"data-parallel size {state.data_parallel_size} -> {dp_size}")
     if state.precision != precision:
         changes.append(f"precision {state.precision} -> {precision}")
+    # bf16 with fp32 gradients is another DeepSpeed optimizer (other files) at ZeRO-1
+    saved_accum = state.grad_accum_dtype or state.precision
+    if precision == "bf16" and state.precision == "bf16" and saved_accum != cfg.parallel.accum_dtype(precision):
+        changes.append(f"gradient accumulation {saved_accum} -> {cfg.parallel.accum_dtype(precision)}")
     return ", ".join(changes) or None
 
 

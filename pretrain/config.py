@@ -113,8 +113,30 @@ class ParallelConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO 0/1/2/3 (Pythia: 1; the paper: 0)
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_s: int = 1800
+    # bf16 runs: accumulate and reduce gradients in fp32 (Megatron's default). DeepSpeed does this with ZeRO >= 1
+    # only; ZeRO-0 + bf16 accumulates in bf16 (a note at start). docs/configs.md, "Gradient precision and ZeRO".
+    grad_accum_dtype: str = "fp32"  # fp32 | bf16
+    # ZeRO communication (stage >= 1). Defaults sized for 80 GB GPUs: buckets of 5e8 elements (2 GB of fp32
+    # gradients each), overlapped with the backward pass; Pythia-6.9B used 1.26e9 on 40 GB A100s.
+    overlap_comm: bool | None = None  # None: on with a GPU, off on CPU (no streams to overlap on)
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+
+    def accum_dtype(self, precision: str) -> str:
+        """The dtype gradients are accumulated and data-parallel reduced in: fp32 for fp32 runs; for bf16 runs fp32
+        when asked and DeepSpeed can (ZeRO-1 runs its bf16 optimizer with fp32 gradients, ZeRO-2/3 accumulate and
+        reduce-scatter in fp32), else bf16 (ZeRO-0: DeepSpeed has no fp32 accumulation without a ZeRO optimizer)."""
+        if precision != "bf16":
+            return "fp32"
+        return "fp32" if self.grad_accum_dtype == "fp32" and self.zero_stage >= 1 else "bf16"
 
     def validate(self) -> None:
+        if self.grad_accum_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"parallel.grad_accum_dtype: '{self.grad_accum_dtype}' not in (fp32, bf16)")
+        for k in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"parallel.{k}: must be >= 1 (elements), got {getattr(self, k)}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"parallel.tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -94,12 +94,29 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, precision: str) -> dict:
                 "torch_adam": True,  # plain torch AdamW: no fused CUDA op to build, identical on CPU and GPU
             },
         },
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero_config(cfg.parallel),
         "bf16": {"enabled": precision == "bf16"},
+        **gradient_dtypes(cfg.parallel, precision),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Fail"},
     }
+
+
+def zero_config(par) -> dict:
+    """DeepSpeed's zero_optimization section: the stage, and for ZeRO >= 1 the communication knobs."""
+    if par.zero_stage == 0:
+        return {"stage": 0}
+    overlap = torch.cuda.is_available() if par.overlap_comm is None else par.overlap_comm
+    return {"stage": par.zero_stage, "overlap_comm": overlap, "contiguous_gradients": par.contiguous_gradients,
+            "reduce_bucket_size": par.reduce_bucket_size, "allgather_bucket_size": par.allgather_bucket_size}
+
+
+def gradient_dtypes(par, precision: str) -> dict:
+    """fp32 gradient accumulation and reduction for bf16 runs (see ParallelConfig.accum_dtype)."""
+    if precision != "bf16" or par.accum_dtype(precision) != "fp32":
+        return {}
+    return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
 def _quiet_libraries() -> None:
@@ -303,6 +320,7 @@ class Trainer:
         self.state = ckpt.TrainerState(
             tensor_parallel_size=self.tp_size, data_parallel_size=self.dp_size, zero_stage=cfg.parallel.zero_stage,
             global_batch_size=t.global_batch_size, train_iters=t.train_iters, precision=self.precision,
+            grad_accum_dtype=cfg.parallel.accum_dtype(self.precision),
         )
         if resume_from is not None:
             # a non-finite checkpoint is set aside and (under --resume auto) the previous one loaded instead
@@ -314,6 +332,7 @@ class Trainer:
             # the checkpoints this run writes are in this run's layout (the loaded one may have been another)
             self.state.tensor_parallel_size, self.state.data_parallel_size = self.tp_size, self.dp_size
             self.state.zero_stage, self.state.precision = cfg.parallel.zero_stage, self.precision
+            self.state.grad_accum_dtype = cfg.parallel.accum_dtype(self.precision)
             if self.is_main:
                 print(f"[pretrain] resumed from {resume_from} at step {self.state.step} "
                       f"({self.state.tokens_seen:,} tokens seen)", flush=True)
@@ -356,6 +375,10 @@ class Trainer:
             flush=True,
         )
         print("[pretrain] setup " + ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items()), flush=True)
+        if self.precision == "bf16" and cfg.parallel.accum_dtype(self.precision) == "bf16":
+            why = ("parallel.grad_accum_dtype is bf16" if cfg.parallel.grad_accum_dtype == "bf16" else
+                   "DeepSpeed accumulates in fp32 for bf16 runs only with a ZeRO optimizer; set parallel.zero_stage 1")
+            print(f"[pretrain] note: gradients are accumulated and all-reduced in bf16 ({why})", flush=True)
 
     def loop(self) -> None:
         """Steps until train_iters or a stop; then, unless stopped, the final evaluations and checkpoint."""
@@ -633,20 +656,24 @@ class Trainer:
         }
 
 
+    def run(self) -> dict[str, Any]:
+        """The whole run, step by step; returns the summary. The run-directory lock is released however it ends."""
+        try:
+            self.setup()
+            self.build()
+            self.restore()
+            self.load_data()
+            self.open_logs()
+            self.announce()
+            self.loop()
+            return self.summary()
+        finally:
+            self.release()
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) training as configured. Collective over all ranks."""
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        trainer.build()
-        trainer.restore()
-        trainer.load_data()
-        trainer.open_logs()
-        trainer.announce()
-        trainer.loop()
-        return trainer.summary()
-    finally:
-        trainer.release()
+    return Trainer(cfg).run()
 
 
 __all__ = ["train", "evaluate", "deepspeed_config", "param_groups"]

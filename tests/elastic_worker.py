@@ -77,18 +77,7 @@ class DumpingTrainer(Trainer):
 def main(cfg_path: str, out: str, name: str, dump_at: str) -> None:
     torch.set_num_threads(1)
     cfg = build_run_config(json.load(open(cfg_path)), source=name)
-    trainer = DumpingTrainer(cfg, out, name, int(dump_at))
-    try:
-        trainer.setup()
-        trainer.build()
-        trainer.restore()
-        trainer.load_data()
-        trainer.open_logs()
-        trainer.announce()
-        trainer.loop()
-        res = trainer.summary()
-    finally:
-        trainer.release()
+    res = DumpingTrainer(cfg, out, name, int(dump_at)).run()
     res.pop("engine").destroy()
     if dist.get_rank() == 0:
         with open(os.path.join(out, f"{name}.json"), "w") as f:
