@@ -42,7 +42,9 @@ def model_card(cfg: ModelConfig, *, run_config: dict | None, tokens_seen: int | 
     name = cfg.name or f"{cfg.arch}-{cfg.layout}"
     load = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        "tok = AutoTokenizer.from_pretrained(path)\n"
+        # AutoTokenizer reads config.json, whose auto_map names the shipped config class: without trust_remote_code
+        # it stops at "Do you wish to run the custom code? [y/N]" (the tokenizer itself is plain tokenizer.json).
+        + ("tok = AutoTokenizer.from_pretrained(path)\n" if native else "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n")
         + ("model = AutoModelForCausalLM.from_pretrained(path)\n" if native else
            "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)\n"
            f"# more or fewer core iterations than trained (K={cfg.num_loops}):\n"

@@ -97,31 +97,36 @@ def _rename_layer(name: str, prefix: str) -> str | None:
     return f"{prefix}{stack}.{i}.{_LAYER_MAP[sub]}.{kind}"
 
 
+def hf_name(cfg: ModelConfig, name: str) -> str:
+    """The Hugging Face name of our parameter `name` (GPTNeoX names for vanilla, MeshGPT's for looped models); the
+    one table, used by the export and, inverted, by mesh-import."""
+    vanilla = cfg.arch == "vanilla"
+    base = "gpt_neox." if vanilla else "model."
+    if name == "embed.weight":
+        return base + "embed_in.weight"
+    if name.startswith("final_ln."):
+        return base + "final_layer_norm." + name.split(".", 1)[1]
+    if name == "lm_head.weight":
+        return "embed_out.weight" if vanilla else "lm_head.weight"
+    if name.startswith("connection."):
+        return base + name
+    new = _rename_layer(name, base)
+    if new is None:
+        raise ConversionError(f"no Hugging Face name for parameter '{name}'")
+    return new
+
+
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Rename (and for vanilla, fold sqrt(d) into the embeddings); contiguous tensors of `dtype`."""
     check_state_dict(cfg, sd)
     out: dict[str, torch.Tensor] = {}
-    vanilla = cfg.arch == "vanilla"
-    base = "gpt_neox." if vanilla else "model."
     for name, t in sd.items():
         if name.endswith("_extra_state"):
             continue
         t = t.detach().to(torch.float32)
-        if name == "embed.weight":
-            if vanilla and cfg.scale_embeddings:
-                t = t * math.sqrt(cfg.hidden_size)
-            new = base + "embed_in.weight"
-        elif name.startswith("final_ln."):
-            new = base + "final_layer_norm." + name.split(".", 1)[1]
-        elif name == "lm_head.weight":
-            new = "embed_out.weight" if vanilla else "lm_head.weight"
-        elif name.startswith("connection."):
-            new = base + name
-        else:
-            new = _rename_layer(name, base)
-            if new is None:
-                raise ConversionError(f"no Hugging Face name for parameter '{name}'")
-        out[new] = t.to(dtype).contiguous()
+        if name == "embed.weight" and cfg.arch == "vanilla" and cfg.scale_embeddings:
+            t = t * math.sqrt(cfg.hidden_size)
+        out[hf_name(cfg, name)] = t.to(dtype).contiguous()
     return out
 
 

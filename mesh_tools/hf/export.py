@@ -38,6 +38,11 @@ from mesh_tools.hf.tokenizer import TokenizerExportError, TokenizerSource, detec
 STANDALONE_DIR = Path(standalone.__file__).parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARITY_TOL = 1e-4  # fp32 CPU logits, export vs training-side model
+# Context length advertised to tools (config max_position_embeddings, tokenizer model_max_length). Rotary positions
+# have no table, so nothing clamps the model to its training length; advertising only that length made lm-eval assert
+# on any continuation longer than it. 2048 is lm-eval's default and Pythia's context; positions past the training
+# length are extrapolation (docs/export.md, Context length).
+EVAL_CONTEXT = 2048
 
 
 class ExportError(RuntimeError):
@@ -74,6 +79,13 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
     return cfg, sd, run_cfg
 
 
+def imported_tokenizer(run_cfg: dict | None) -> TokenizerSource | None:
+    """The tokenizer mesh-import copied into the run directory (<logging.dir>/tokenizer/tokenizer.json), if any."""
+    log_dir = ((run_cfg or {}).get("logging") or {}).get("dir")
+    path = Path(log_dir) / "tokenizer" / "tokenizer.json" if log_dir else None
+    return TokenizerSource(kind="hf", path=path) if path is not None and path.is_file() else None
+
+
 def tokenizer_from_run_config(run_cfg: dict | None) -> TokenizerSource | None:
     """The tokenizer named by the first dataset's PREFIX.meta.json sidecar (written by data_tools), if any."""
     data = (run_cfg or {}).get("data") or {}
@@ -106,6 +118,18 @@ def _kind(kind: str | None) -> str | None:
 # --- writing -----------------------------------------------------------------------------------------------------------
 
 
+def advertised_context(cfg: ModelConfig) -> int:
+    """max_position_embeddings / model_max_length written into an export: never below EVAL_CONTEXT."""
+    return max(cfg.seq_length, EVAL_CONTEXT)
+
+
+def _file_mode() -> int:
+    """0666 minus the umask: the mode open() gives new files (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_size: str) -> int:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -113,16 +137,17 @@ def _write_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_size: str) 
     split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size)
     for filename, names in tqdm(split.filename_to_tensors.items(), desc="writing weights", unit="shard", disable=len(split.filename_to_tensors) < 2):
         save_file({n: sd[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+        os.chmod(out / filename, _file_mode())  # readable by others like every other file of the export
     if split.is_sharded:
         index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
-def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
-    from transformers import GenerationConfig
-
-    d = hf_config_dict(cfg, ids)
+def hf_config(cfg: ModelConfig, ids: dict | None = None, dtype: str = "float32"):
+    """(transformers config object, legacy keys for config.json) of the export of `cfg`."""
+    d = hf_config_dict(cfg, ids or {})
+    d["max_position_embeddings"] = advertised_context(cfg)
     if cfg.arch == "vanilla":
         from transformers import GPTNeoXConfig
 
@@ -139,10 +164,43 @@ def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
         auto_map = d.pop("auto_map")
         hf_cfg = MeshGPTConfig(**d)
         hf_cfg.auto_map = auto_map
-        for name in standalone.SHIPPED_FILES:
-            shutil.copyfile(STANDALONE_DIR / name, out / name)
     hf_cfg.architectures = arch_list
     hf_cfg.dtype = DTYPES[dtype]
+    return hf_cfg, legacy
+
+
+def build_hf_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: str = "float32", ids: dict | None = None,
+                   source: str = "(in memory)"):
+    """The Hugging Face model an export of (cfg, full state dict) loads as, built in memory (no files), in eval mode.
+
+    Same config and weight conversion as `export_model`; recursive / MeSH models use the standalone classes the
+    export ships (mesh_megatron.standalone), vanilla ones transformers' GPTNeoXForCausalLM.
+    """
+    try:
+        check_state_dict(cfg, state_dict, source)
+        hf_sd = to_hf_state_dict(cfg, state_dict, DTYPES[dtype])
+    except ConversionError as e:
+        raise ExportError(str(e)) from None
+    hf_cfg, _ = hf_config(cfg, ids, dtype)
+    if cfg.arch == "vanilla":
+        from transformers import GPTNeoXForCausalLM as model_cls
+    else:
+        from mesh_megatron.standalone.modeling_mesh_gpt import MeshGPTForCausalLM as model_cls
+    # from_pretrained with a state dict: the same key renames (e.g. GPTNeoX's embed_out -> lm_head) a load from files gets.
+    model, info = model_cls.from_pretrained(None, config=hf_cfg, state_dict=hf_sd, dtype=DTYPES[dtype], output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ExportError(f"{source}: converted weights do not load into {model_cls.__name__}: {bad}")
+    return model.eval()
+
+
+def _write_config(cfg: ModelConfig, out: Path, ids: dict, dtype: str) -> None:
+    from transformers import GenerationConfig
+
+    hf_cfg, legacy = hf_config(cfg, ids, dtype)
+    if cfg.arch != "vanilla":
+        for name in standalone.SHIPPED_FILES:
+            shutil.copyfile(STANDALONE_DIR / name, out / name)
     hf_cfg.save_pretrained(str(out))
     if legacy:  # also under the pre-v5 GPTNeoX names, so older transformers read rotary settings too
         p = out / "config.json"
@@ -199,6 +257,26 @@ def check_output(out: Path, force: bool, dtype: str = "float32", check: bool = F
         raise ExportError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it")
+    check_writable(out.parent, "--out", out)
+
+
+def check_writable(parent: Path, flag: str, out: Path) -> None:
+    """Refuse an output whose directory cannot be created or written, before any checkpoint is read.
+
+    Probes by creating (and removing) a directory in the nearest existing ancestor: that also catches read-only
+    file systems and root-squashed mounts, where permission bits alone say nothing.
+    """
+    import tempfile
+
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"{flag} {out}: {ancestor} is a file, not a directory; choose another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe", dir=ancestor))
+    except OSError as e:
+        raise ExportError(f"{flag} {out}: cannot write in {ancestor} ({e.strerror or e}); choose a writable {flag}") from None
 
 
 def export_model(
@@ -223,17 +301,20 @@ def export_model(
     except ConversionError as e:
         raise ExportError(str(e)) from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.partial{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:  # e.g. the disk filled or permissions changed since check_output
+        raise ExportError(f"--out {out}: cannot create {tmp} ({e.strerror or e}); choose a writable --out") from None
     try:
         ids = {}
         tok_note = "none exported"
         if tokenizer is not None:
             kind = tokenizer.kind or detect_kind(tokenizer.path)
             tokenizer = TokenizerSource(kind, tokenizer.path, tokenizer.eod_token)
-            ids = export_tokenizer(tokenizer, tmp, model_max_length=cfg.seq_length)
+            ids = export_tokenizer(tokenizer, tmp, model_max_length=advertised_context(cfg))
             tok_note = f"{'SentencePiece' if kind == 'sentencepiece' else 'HF tokenizers'} `{tokenizer.path.name}` -> `tokenizer.json`"
         _write_config(cfg, tmp, ids, dtype)
         nbytes = _write_weights(hf_sd, tmp, max_shard_size)
@@ -264,7 +345,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer: T
         raise ExportError(f"--tokenizer {tokenizer.path}: no such file")
     cfg, sd, run_cfg = load_checkpoint(ckpt_dir)
     if tokenizer is None and not no_tokenizer:
-        tokenizer = tokenizer_from_run_config(run_cfg)
+        tokenizer = tokenizer_from_run_config(run_cfg) or imported_tokenizer(run_cfg)
         if tokenizer is None:
             raise ExportError(
                 f"--checkpoint {ckpt_dir}: no tokenizer found (its datasets have no PREFIX.meta.json sidecar); "
