@@ -21,6 +21,9 @@ Before anything is queued (each failure is one line with the fix, exit 2, nothin
 --dry-run reports them and prints the commands.
 `--chain K` submits K jobs, each starting after the previous one ends (`--dependency=afterany:<id>`); each
 resumes from the latest checkpoint, so a run longer than the partition's time limit continues across jobs.
+`--eval "MESH_EVAL_ARGS"` also submits slurm/eval.sbatch (`mesh-eval --watch`, 1 node, 1 GPU for GPU runs) beside
+each training job, `--dependency=after:<its id>` (it starts once training runs): every new checkpoint is evaluated
+into <run dir>/eval while the run goes on (docs/eval.md, "On Slurm").
 Logs: <log-dir>/<job-name>-<jobid>.out (default logs/slurm/), appended across requeues.
 Trainer overrides after `--` are passed on (`-- --train.lr 3e-4`).
 """
@@ -41,6 +44,7 @@ from mesh_tools.plan import (batch_problem, checkpoint_layout, estimate, job_fro
                              report)
 
 SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"
+EVAL_SCRIPT = SBATCH_SCRIPT.with_name("eval.sbatch")
 # What `python -m pretrain` needs in the job's interpreter. Found, not imported: importing them takes seconds.
 JOB_MODULES = ("torch", "deepspeed", "megatron.core", "mesh_megatron", "pretrain")
 _FIND_MODULES = """
@@ -162,6 +166,58 @@ def sbatch_command(job: dict[str, Any], args: argparse.Namespace, extra: list[st
     return cmd + [str(args.script)] + trainer_args(job, extra)
 
 
+def eval_job_args(spec: str, run_cfg, gpus: int) -> list[str]:
+    """The arguments of slurm/eval.sbatch (`mesh-eval --watch`) for `--eval SPEC`: the run's checkpoint root, OUT
+    <run dir>/eval unless SPEC names one, `--device cuda` on GPU runs unless SPEC says. SPEC is parsed by mesh-eval's
+    own parser now, so a typo fails before anything is queued (ConfigError)."""
+    from mesh_tools.eval.cli import build_parser
+
+    try:
+        extra = shlex.split(spec)
+    except ValueError as e:
+        raise ConfigError(f"--eval {spec!r}: {e}; quote it as one argument, e.g. --eval \"--tasks piqa --num-loops 1 2\"") from None
+    for own in ("--checkpoint", "--watch"):
+        if own in extra:
+            raise ConfigError(f"--eval: leave out {own} (the watch job follows this run's checkpoint directory)")
+    args = ["--checkpoint", str(run_cfg.checkpoint_dir)]
+    if "--out" not in extra:
+        args += ["--out", str(run_cfg.run_dir / "eval")]
+    if gpus > 0 and "--device" not in extra:
+        args += ["--device", "cuda"]
+    args += extra
+
+    def refuse(message: str):
+        raise ConfigError(f"--eval {spec!r}: {message}; `mesh-eval --help` lists the flags")
+
+    parser = build_parser()
+    parser.error = refuse  # one line and exit 2, not argparse's usage text
+    parsed = parser.parse_args(args)
+    if not parsed.tasks and not parsed.ppl:
+        refuse("nothing to evaluate (give --tasks and/or --ppl PREFIX)")
+    return args
+
+
+def eval_sbatch_command(job: dict[str, Any], args: argparse.Namespace, eval_args: list[str], train_id: str) -> list[str]:
+    """sbatch for slurm/eval.sbatch: one task on one node (one GPU for GPU runs), after the training job started."""
+    g = int(job["gpus_per_node"])
+    name = (args.job_name or Path(job.get("_path", job["config"])).stem) + "-eval"
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", "--nodes=1", "--ntasks=1", f"--output={args.log_dir}/%x-%j.out"]
+    if g > 0:
+        cmd.append("--gpus-per-node=1")
+    if args.cpus_per_task:
+        cmd.append(f"--cpus-per-task={args.cpus_per_task}")
+    if args.eval_time or args.time or job.get("time"):
+        cmd.append(f"--time={args.eval_time or args.time or job['time']}")
+    if args.partition or job.get("partition"):
+        cmd.append(f"--partition={args.partition or job['partition']}")
+    if args.account:
+        cmd.append(f"--account={args.account}")
+    cmd.append(f"--dependency=after:{train_id}")
+    # the watch job must run where the training job runs (relative checkpoint paths)
+    cmd += [a for a in args.sbatch_arg or [] if a.startswith(("--chdir=", "-D"))]
+    return cmd + [str(EVAL_SCRIPT), *eval_args]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -183,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", default="logs/slurm", help="where the job logs go (created; default logs/slurm)")
     ap.add_argument("--sbatch-arg", action="append", help="extra sbatch option, repeatable (e.g. --sbatch-arg=--exclusive)")
     ap.add_argument("--script", default=str(SBATCH_SCRIPT), help="the sbatch script (default slurm/pretrain.sbatch)")
+    ap.add_argument("--eval", metavar="MESH_EVAL_ARGS", help="also submit a watch job (slurm/eval.sbatch: mesh-eval "
+                    "--watch on 1 node / 1 GPU) beside each training job, e.g. --eval \"--tasks piqa --num-loops 1 2\"; "
+                    "results in <run dir>/eval")
+    ap.add_argument("--eval-time", help="time limit of each watch job (default: the training job's)")
     ap.add_argument("--force", action="store_true", help="submit even if mesh-plan refuses the layout, a data prefix "
                     "is missing or the job's python lacks a module")
     ap.add_argument("--dry-run", action="store_true",
@@ -226,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             print(f"mesh-submit: {note}")
         problems = data_problems(run_cfg, workdir)
+        eval_args = eval_job_args(args.eval, run_cfg, int(job["gpus_per_node"])) if args.eval else None
     except ConfigError as e:
         print(f"mesh-submit: {e}", file=sys.stderr)
         return 2
@@ -250,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         print(("would run: " if args.dry_run else "") + shown + shlex.join(cmd))
         if args.dry_run:
             dependency = "afterany:<previous job id>"
+            if eval_args is not None:
+                ecmd = eval_sbatch_command(job, args, eval_args, f"<id of training job {i + 1}>")
+                print("would run: " + shown + shlex.join(ecmd))
             continue
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **job_env})
         if res.returncode != 0:
@@ -258,6 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         jid = res.stdout.strip().split(";")[0]
         ids.append(jid)
         dependency = f"afterany:{jid}"
+        if eval_args is not None:
+            ecmd = eval_sbatch_command(job, args, eval_args, jid)
+            print(shown + shlex.join(ecmd))
+            res = subprocess.run(ecmd, capture_output=True, text=True, env={**os.environ, **job_env})
+            if res.returncode != 0:
+                print(f"mesh-submit: sbatch of the eval job failed (rc {res.returncode}): {res.stderr.strip()}; the "
+                      f"training job {jid} is queued", file=sys.stderr)
+                return 1
+            ids.append(res.stdout.strip().split(";")[0])
     if ids:
         name = args.job_name or Path(job.get("_path", job["config"])).stem
         print(f"submitted job(s) {' '.join(ids)}; logs: {os.path.join(args.log_dir, f'{name}-<jobid>.out')}")

@@ -1,4 +1,4 @@
-"""Run configuration: one YAML per run (model + data + train + parallel + checkpoint + logging).
+"""Run configuration: one YAML per run (model + data + train + parallel + checkpoint + logging + eval).
 
 `load_run_config(path, overrides)` reads the YAML, applies dotted command-line overrides (`--train.lr 3e-4`),
 validates every section and returns a `RunConfig`. Unknown or mistyped keys are a `ConfigError` naming the key and
@@ -184,12 +184,63 @@ class LoggingConfig:
         self.wandb.validate()
 
 
+@dataclass
+class EvalConfig:
+    """lm-evaluation-harness tasks on each new checkpoint during training, in a background `mesh-eval` process started
+    by rank 0 (pretrain/eval_launcher.py; docs/eval.md, "During training"). Off while `tasks` is empty."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task / group names
+    include_path: str | None = None  # a directory of extra lm-eval task YAMLs (local tasks)
+    num_loops: list[int] = field(default_factory=list)  # loop counts K to evaluate at; empty = as trained
+    limit: float | None = None  # documents per task (a count, or a fraction below 1)
+    num_fewshot: int | None = None  # default: each task's own
+    tokenizer: str | None = None  # default: the one named by the training data's PREFIX.meta.json
+    interval: int = 0  # 0: every checkpoint; N: the checkpoints at multiples of N steps (and the last one)
+    device: str = "cpu"  # cpu | cuda | cuda:N; on GPU the evaluation shares the device with training
+    batch_size: int = 8
+    threads: int = 4  # CPU threads of the evaluation process (it also runs at a lower CPU priority)
+    final_wait_minutes: float = 30.0  # at the end of training, wait this long for the last evaluations
+
+    def validate(self) -> None:
+        if any(not isinstance(t, str) or not t.strip() for t in self.tasks):
+            raise ConfigError(f"eval.tasks: task names must be non-empty strings, got {self.tasks}")
+        if any(k < 1 for k in self.num_loops):
+            raise ConfigError(f"eval.num_loops: loop counts must be >= 1, got {self.num_loops}")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"eval.limit: must be > 0 (a count of documents, or a fraction below 1), got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"eval.num_fewshot: must be >= 0, got {self.num_fewshot}")
+        for f in ("batch_size", "threads"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"eval.{f}: must be >= 1, got {getattr(self, f)}")
+        if self.interval < 0 or self.final_wait_minutes < 0:
+            raise ConfigError("eval.interval / eval.final_wait_minutes: must be >= 0")
+        dev = self.device
+        if not (dev in ("cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"eval.device: '{dev}' not in (cpu, cuda, cuda:N){closest(dev, ['cpu', 'cuda'])}")
+
+    def check_run(self, cfg: RunConfig) -> None:
+        """What depends on other sections: evaluations need checkpoints to read."""
+        if not self.tasks:
+            return
+        ck = cfg.checkpoint
+        if not ck.save_interval and not ck.save_at_end:
+            raise ConfigError("eval.tasks: this run writes no checkpoint to evaluate (checkpoint.save_interval 0 and "
+                              "save_at_end false); set checkpoint.save_interval")
+        if self.interval and ck.save_interval and self.interval % ck.save_interval:
+            raise ConfigError(f"eval.interval: {self.interval} is not a multiple of checkpoint.save_interval "
+                              f"{ck.save_interval} (evaluations read checkpoints); use a multiple, or 0 for every checkpoint")
+        if self.num_loops and cfg.model.arch == "vanilla":
+            raise ConfigError("eval.num_loops: a vanilla model has no loop count; remove eval.num_loops")
+
+
 SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "parallel": ParallelConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -201,6 +252,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     source: str = ""
 
     @property
@@ -309,6 +361,7 @@ def build_run_config(d: dict[str, Any], source: str = "config") -> RunConfig:
             raise ConfigError(f"{source}: {e}") from None
     try:
         model.validate_parallel(cfg.parallel.tensor_parallel_size)
+        cfg.eval.check_run(cfg)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
@@ -378,4 +431,4 @@ def load_run_config(path: str | Path, overrides: dict[str, str] | None = None) -
 
 
 __all__ = ["RunConfig", "DataConfig", "TrainConfig", "ParallelConfig", "CheckpointConfig", "LoggingConfig",
-           "build_run_config", "load_run_config", "apply_overrides", "read_yaml", "ConfigError"]
+           "EvalConfig", "build_run_config", "load_run_config", "apply_overrides", "read_yaml", "ConfigError"]

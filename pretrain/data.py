@@ -184,3 +184,41 @@ def eval_micro_batches(dataset, cfg: RunConfig, dp_rank: int, dp_size: int) -> l
             break
         out.extend(train_micro_batches(dataset, m, cfg, dp_rank, dp_size))
     return out
+
+
+class BatchPrefetcher:
+    """Prepares the next optimizer step's micro-batches on a background thread while the current step trains.
+
+    Batches are a pure function of the step (`train_micro_batches`), so prefetching changes neither the data order
+    nor exact resume: the batches of step s are the same whether prepared ahead or on demand. The dataset reads are
+    numpy memory-map slices, which release the GIL; with a GPU the tensors are pinned so the training thread's copy
+    to the device can be non-blocking."""
+
+    def __init__(self, dataset, cfg: RunConfig, dp_rank: int, dp_size: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset, self.cfg, self.dp_rank, self.dp_size = dataset, cfg, dp_rank, dp_size
+        self.pin = torch.cuda.is_available()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        self._next: tuple[int, object] | None = None  # (step, future)
+
+    def _prepare(self, step: int) -> list[dict[str, torch.Tensor]]:
+        batches = train_micro_batches(self.dataset, step, self.cfg, self.dp_rank, self.dp_size)
+        if self.pin:
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        return batches
+
+    def batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of `step` (prepared ahead if it was the one expected), then starts on `step + 1`."""
+        if self._next is not None and self._next[0] == step:
+            out = self._next[1].result()
+        else:
+            if self._next is not None:
+                self._next[1].cancel()
+            out = self._prepare(step)
+        self._next = (step + 1, self._pool.submit(self._prepare, step + 1))
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._next = None

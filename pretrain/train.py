@@ -24,9 +24,9 @@ import torch.distributed as dist
 from mesh_megatron.config import ConfigError
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as pd
-from pretrain import run_lock, universal
+from pretrain import eval_launcher, run_lock, universal
 from pretrain.config import RunConfig
-from pretrain.data import build_datasets, eval_micro_batches, train_micro_batches
+from pretrain.data import BatchPrefetcher, build_datasets, eval_micro_batches
 from pretrain.data_checks import check_data
 from pretrain.metrics import Metrics, device_peak_tflops, fmt_eta, memory_gib
 from pretrain.schedule import build_scheduler
@@ -124,11 +124,12 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _dp_mean(values: list[float], device) -> float:
-    """Mean of per-micro-batch values across this rank's micro-batches and all data-parallel ranks."""
+def _dp_mean(total: torch.Tensor, count: int) -> float:
+    """Mean of per-micro-batch values (their float64 sum `total`, on the device, and their number) across this
+    rank's micro-batches and all data-parallel ranks: one all-reduce and one host sync."""
     from megatron.core import parallel_state as ps
 
-    t = torch.tensor([sum(values), float(len(values))], dtype=torch.float64, device=device)
+    t = torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, group=ps.get_data_parallel_group())
     return (t[0] / t[1]).item()
@@ -223,6 +224,7 @@ class Trainer:
         self.run_lock: run_lock.RunLock | None = None  # rank 0's, from setup() to release()
         self.saver = None  # pretrain.async_save.AsyncSaver, from the first checkpoint.async_save save to the loop's end
         self.save_written = False  # should_stop's verdict: every rank has written the pending async save
+        self.eval_launcher = None  # rank 0's pretrain.eval_launcher.EvalLauncher when eval.tasks is set
 
     def setup(self) -> None:
         """Data checked, process groups joined, the run directory locked and prepared, and the checkpoint to resume
@@ -230,6 +232,7 @@ class Trainer:
         cfg = self.cfg
         t_phase = time.time()
         check_data(cfg)  # first: bad or missing data fails in seconds, the same way on every rank (no groups yet)
+        eval_launcher.check_paths(cfg)
         self.phases["data_check"] = time.time() - t_phase
         t_phase = time.time()
         if not torch.cuda.is_available():
@@ -344,6 +347,7 @@ class Trainer:
         """The train, valid and test datasets (valid / test are None when the split leaves them nothing)."""
         t_phase = time.time()
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(self.cfg, self.dp_size)
+        self.prefetcher = BatchPrefetcher(self.train_ds, self.cfg, self.dp_rank, self.dp_size)
         self.phases["data"] = time.time() - t_phase
 
     def open_logs(self) -> None:
@@ -355,6 +359,10 @@ class Trainer:
         self.phases["logging"] = time.time() - t_phase
         if self.is_main:
             self.state.wandb_id = self.metrics.wandb_id
+            if self.cfg.eval.tasks:
+                self.eval_launcher = eval_launcher.EvalLauncher(self.cfg, self.run_dir, self.metrics.log)
+                if self.last_ckpt is not None:
+                    self.eval_launcher.resumed(self.state.step, self.last_ckpt)
         self.peak = device_peak_tflops(self.cfg.logging.peak_tflops)
         self.fpt = flops_per_token(self.cfg.model)
 
@@ -383,11 +391,14 @@ class Trainer:
     def loop(self) -> None:
         """Steps until train_iters or a stop; then, unless stopped, the final evaluations and checkpoint."""
         t, save_interval = self.t, self.cfg.checkpoint.save_interval
+        finished = False
         self.stop.install()
         self.started = time.time()
         try:
             while self.state.step < t.train_iters:
                 self.log_step(*self.train_step())
+                if self.eval_launcher is not None:  # rank 0, non-blocking: results of a finished evaluation
+                    self.eval_launcher.poll(self.state.step)
                 if t.eval_interval and self.state.step % t.eval_interval == 0 and self.state.step < t.train_iters:
                     self.run_evals("valid", self.valid_ds)
                 if self.should_stop():
@@ -399,7 +410,12 @@ class Trainer:
                     self.save(background=self.cfg.checkpoint.async_save)
             if self.stopped_by is None:
                 self.finish()
+            finished = True
         finally:
+            self.prefetcher.close()
+            if self.eval_launcher is not None:
+                # a finished run waits (bounded) for its last evaluations; a stop or a failure does not
+                self.eval_launcher.close(wait=finished and self.stopped_by is None)
             if self.saver is not None:
                 # Normally nothing is pending here; after an exception the pending save is not committed (its
                 # .tmp-* directory is removed at the next start) and the writer stops before its next file.
@@ -422,13 +438,15 @@ class Trainer:
         engine, t, state = self.engine, self.t, self.state
         t0 = time.time()
         lr = self.optimizer.param_groups[0]["lr"]
-        mb_losses = []
+        # the micro-batch losses stay on the device: one host sync per step (in _dp_mean), not one per micro-batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         grad_norm = None
         skipped_here = False
-        batches = train_micro_batches(self.train_ds, state.step, self.cfg, self.dp_rank, self.dp_size)
+        batches = self.prefetcher.batches(state.step)
         for i, b in enumerate(batches):
-            loss_tok = engine(input_ids=b["tokens"].to(engine.device), labels=b["labels"].to(engine.device))
-            mask = b["loss_mask"].to(engine.device)
+            loss_tok = engine(input_ids=b["tokens"].to(engine.device, non_blocking=True),
+                              labels=b["labels"].to(engine.device, non_blocking=True))
+            mask = b["loss_mask"].to(engine.device, non_blocking=True)
             loss = (loss_tok.float() * mask).sum() / mask.sum().clamp_min(1.0)
             engine.backward(loss)
             last = i == len(batches) - 1
@@ -439,8 +457,8 @@ class Trainer:
                 skipped_here = True
             else:
                 engine.step()
-            mb_losses.append(loss.item())
-        loss = _dp_mean(mb_losses, engine.device)
+            loss_sum += loss.detach().double()
+        loss = _dp_mean(loss_sum, len(batches))
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
         reported = grad_norm is not None
@@ -573,6 +591,8 @@ class Trainer:
 
     def stop_run(self) -> None:
         """Checkpoint now, and record why the run stops early."""
+        if self.eval_launcher is not None:
+            self.eval_launcher.stopping = True  # no evaluation started just to be terminated
         self.save()
         if self.is_main:
             self.metrics.log({"event": "stop", "step": self.state.step, "reason": self.stopped_by},
@@ -614,6 +634,8 @@ class Trainer:
         if self.is_main:
             self.metrics.log({"event": "checkpoint", "step": self.state.step, "path": str(self.last_ckpt)},
                              console=f"[pretrain] saved checkpoint {self.last_ckpt}")
+            if self.eval_launcher is not None:
+                self.eval_launcher.checkpoint_saved(self.state.step, self.last_ckpt)
 
     def commit_save(self) -> None:
         """Collective: commit the pending async save, if any, waiting for this rank's writes first. A write that
@@ -634,6 +656,8 @@ class Trainer:
                               "committed_after_step": self.state.step, "snapshot_s": batch.snapshot_s},
                              console=f"[pretrain] saved checkpoint {self.last_ckpt} (written in the background; "
                              f"committed after step {self.state.step})")
+            if self.eval_launcher is not None:
+                self.eval_launcher.checkpoint_saved(step, self.last_ckpt)
 
     def release(self) -> None:
         """Let go of the run-directory lock (rank 0), so the next run in this process or another can take it."""

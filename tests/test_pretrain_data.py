@@ -83,3 +83,20 @@ def test_split_too_small_for_a_sample_is_dropped_or_refused(single_process, tmp_
     cfg.data.split = "1,99,0"
     with pytest.raises(ConfigError, match=r"data.split: the train split of .* fewer than one sample"):
         build_datasets(cfg, 1)
+
+
+def test_prefetcher_gives_the_batches_of_each_step(single_process, prefixes, tmp_path):
+    """Prepared ahead, in order, out of order (a resume) or after a jump: always train_micro_batches of that step."""
+    from pretrain.data import BatchPrefetcher
+
+    cfg = cfg_for(prefixes[:1], tmp_path)
+    train, _, _ = build_datasets(cfg, 2)
+    pf = BatchPrefetcher(train, cfg, 1, 2)
+    try:
+        for step in (0, 1, 2, 7, 8, 3):
+            got, want = pf.batches(step), train_micro_batches(train, step, cfg, 1, 2)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert all(torch.equal(g[k], w[k]) for k in w)
+    finally:
+        pf.close()

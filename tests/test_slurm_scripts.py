@@ -13,7 +13,7 @@ import pytest
 from mesh_tools.submit import main as submit_main
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["slurm/pretrain.sbatch", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "slurm" / "local").glob("*.sh"))]
+SCRIPTS = ["slurm/pretrain.sbatch", "slurm/eval.sbatch", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "slurm" / "local").glob("*.sh"))]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -41,6 +41,33 @@ def test_submit_dry_run_renders_a_chained_gpu_job(capsys):
                  "--parallel.tensor_parallel_size 2", "--train.micro_batch_size 8", "--train.lr 1e-4"):
         assert part in first, part
     assert "--dependency=afterany:" in lines[1] and "--dependency" not in first
+
+
+def test_submit_eval_adds_a_watch_job_after_each_training_job(capsys):
+    """--eval: slurm/eval.sbatch (mesh-eval --watch) on 1 node / 1 GPU, started once its training job runs
+    (after:<id>), following the run's checkpoint directory into <run dir>/eval; the arguments checked by mesh-eval's
+    own parser before anything is queued."""
+    rc = submit_main(["slurm/jobs/pythia-6.9b-mesh.yaml", "--dry-run", "--chain", "2", "--eval",
+                      "--tasks lambada_openai piqa --num-loops 1 2 4 --idle-timeout 30"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [l for l in out.splitlines() if l.startswith("would run: ")]
+    assert len(lines) == 4 and all("pretrain.sbatch" in l for l in lines[::2]) and all("eval.sbatch" in l for l in lines[1::2])
+    for i, ev in enumerate(lines[1::2], 1):
+        for part in ("--job-name=pythia-6.9b-mesh-eval", "--nodes=1", "--ntasks=1", "--gpus-per-node=1",
+                     f"'--dependency=after:<id of training job {i}>'", "--time=48:00:00",
+                     "slurm/eval.sbatch --checkpoint runs/pythia-6.9b-mesh/checkpoints --out runs/pythia-6.9b-mesh/eval "
+                     "--device cuda --tasks lambada_openai piqa --num-loops 1 2 4 --idle-timeout 30"):
+            assert part in ev, (part, ev)
+    text = (ROOT / "slurm" / "eval.sbatch").read_text()
+    assert 'exec "$PY" -m mesh_tools.eval.cli --watch' in text and "#SBATCH --requeue" in text
+    # a typo in the evaluation arguments, or nothing to evaluate: one line, exit 2, nothing shown as submitted
+    for spec, message in (("--tasks piqa --bogus", "unrecognized arguments: --bogus"),
+                          ("--num-loops 2", "nothing to evaluate"), ("--watch --tasks piqa", "leave out --watch")):
+        assert submit_main(["slurm/jobs/pythia-160m-mesh.yaml", "--dry-run", "--eval", spec]) == 2
+        out, err = capsys.readouterr()
+        assert "mesh-submit: --eval" in err and message in err and len(err.strip().splitlines()) == 1, err
+        assert "would run" not in out
 
 
 def test_submit_refuses_a_layout_that_does_not_divide(capsys):
