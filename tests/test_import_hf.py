@@ -141,6 +141,19 @@ def test_logits_equal_hf_at_tp1(world):
     assert diff < 1e-5
 
 
+def test_logits_equal_hf_at_tp2(world, tmp_path):
+    """The imported (TP=1, ZeRO-0) checkpoint loaded into a TP=2 x ZeRO-1 model as a resume loads it."""
+    from conftest import run_torchrun
+
+    torch.save(IDS, tmp_path / "ids.pt")
+    run_torchrun("import_tp_worker.py", world["config"], world["ckpt"], tmp_path / "run", tmp_path / "ids.pt",
+                 tmp_path / "logits.pt", nproc=2)
+    logits = torch.load(tmp_path / "logits.pt")[..., :VOCAB]
+    diff = (logits - hf_logits(world["hf"], IDS)).abs().max().item()
+    print(f"imported at TP=2 vs HF: max |logits diff| = {diff:.2e}")
+    assert diff < 1e-5
+
+
 def test_resume_continues_at_tp1_and_tp2_zero1(world):
     tmp = world["tmp"]
     tp1 = pretrain(world["config"], world["ckpt"], tmp / "tp1")
