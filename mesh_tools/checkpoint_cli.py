@@ -50,7 +50,7 @@ def _info(path: Path) -> int:
 
 
 def _verify(path: Path) -> int:
-    from pretrain import manifest
+    from pretrain import manifest, universal
 
     bad = 0
     for c in _checkpoints(path):
@@ -62,6 +62,10 @@ def _verify(path: Path) -> int:
         else:
             bad += 1
             print(f"{c.name}: DAMAGED: " + "; ".join(f"{rel}: {why}" for rel, why in v.problems))
+        if universal.universal_path(c).exists():  # derived data: a damaged one is made again, the checkpoint is fine
+            why = universal.damage(c, collective=False)
+            print(f"{c.name}/{universal.UNIVERSAL_DIR}: " + ("ok" if why is None else
+                                                             f"{why}; the next resume in another layout makes it again"))
     return 1 if bad else 0
 
 
@@ -69,11 +73,12 @@ def _convert(path: Path, workers: int) -> int:
     from pretrain import universal
 
     for c in _checkpoints(path)[-1:]:
-        if universal.is_converted(c):
-            print(f"{c.name}: already converted ({universal.universal_path(c)})")
+        checked = (universal.damage(c, collective=False),) if universal.universal_path(c).exists() else None
+        if checked is not None and checked[0] is None:
+            print(f"{c.name}: already converted ({universal.universal_path(c)}, verified)")
             continue
         t0 = time.time()
-        out = universal.convert(c, workers)
+        out = universal.convert(c, workers, checked)  # a damaged universal form is made again
         print(f"{c.name}: universal form written to {out} in {time.time() - t0:.1f}s")
     return 0
 
@@ -107,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         return _convert(args.path, max(1, args.workers))
     except ConfigError as e:
         print(f"mesh-checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. convert on a checkpoint this user cannot write to (the universal form goes inside it)
+        print(f"mesh-checkpoint: error: {e.filename or args.path}: {e.strerror or e}; run it where (or as a user "
+              "who) can write that directory, or on a copy of the checkpoint", file=sys.stderr)
         return 2
 
 

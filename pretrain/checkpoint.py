@@ -294,8 +294,15 @@ def _per_rank(note: str | None) -> str:
 # --- disk space ---------------------------------------------------------------------------------------
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def dir_bytes(path: Path, saved_only: bool = False) -> int:
+    """Bytes of the files under `path`; saved_only: only what a save writes (not a checkpoint's universal form or a
+    conversion's temp directories, which a resume in another layout adds beside them)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()
+               and not (saved_only and _derived(f.relative_to(path).parts[0])))
+
+
+def _derived(top: str) -> bool:
+    return top == "universal" or top.startswith(".")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -383,7 +390,7 @@ def start_save(engine, cfg, state: TrainerState, root: Path, writer=None, batch=
         if tmp.exists():
             shutil.rmtree(tmp)
         # The next checkpoint is as large as the previous one (same model, layout and files).
-        needed = dir_bytes(previous) if previous is not None else None
+        needed = dir_bytes(previous, saved_only=True) if previous is not None else None
         short = needed is not None and shutil.disk_usage(root).free < needed
     bad = nonfinite_state(engine)
     # Also the barrier that keeps the other ranks from writing before rank 0 has cleared the temp directory.
@@ -632,7 +639,8 @@ def load_finite(engine, path: Path, cfg, dp_size: int) -> tuple[TrainerState, Pa
         if dist.get_rank() == 0:
             print(f"[pretrain] {path}: non-finite values in the loaded training state ({where}); not resuming from "
                   f"it: moved it to {moved[0]}, loading {earlier[-1].name} instead", flush=True)
-        path = earlier[-1]
+        # verified like the first choice was (a damaged one is moved aside as .corrupt and the one before it tried)
+        path = resolve_verified("auto", path.parent)
 
 
 def _step_of(path: Path) -> int:

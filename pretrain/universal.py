@@ -34,9 +34,12 @@ import torch
 
 from mesh_megatron.config import ConfigError
 from mesh_megatron.tp_shards import merge_tp_state_dicts, tp_partition_dim
+from pretrain import manifest
 
 UNIVERSAL_DIR = "universal"  # inside a step_* checkpoint; pruned with it
 _TMP = ".tmp-universal"
+_OLD = ".old-universal"  # a damaged universal/ being deleted
+_LOCK = ".universal.lock"  # exists while a conversion runs (or after one was killed)
 _MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 
 
@@ -89,17 +92,95 @@ def universal_path(ckpt: Path) -> Path:
 
 
 def is_converted(ckpt: Path) -> bool:
-    return (universal_path(ckpt) / "zero" / "optimizer_state.pt").exists()
+    """Whether `<ckpt>/universal/` is there with its manifest (it may still fail `damage`)."""
+    return (universal_path(ckpt) / manifest.MARKER).exists()
 
 
-def convert(ckpt: Path, workers: int = 1) -> Path:
+def damage(ckpt: Path, collective: bool = True) -> str | None:
+    """Collective unless collective=False. None when `<ckpt>/universal/` matches the manifest its conversion wrote
+    (every file's size and xxh3-128, as pretrain.manifest checks a checkpoint); else '<file>: <why>'. The universal
+    form is derived data, so the rule is: used only if it verifies, otherwise made again from the checkpoint."""
+    uni = universal_path(ckpt)
+    verdict = manifest.verify(uni, collective)  # rank 0 reads the manifest: the ranks agree even if it is missing
+    if verdict.ok:
+        return None
+    if not (uni / manifest.MARKER).exists():
+        return f"{uni}: no manifest (made before universal forms were verified)"
+    rel, why = verdict.problems[0]
+    more = f" (and {len(verdict.problems) - 1} more damaged files)" if len(verdict.problems) > 1 else ""
+    return f"{uni / rel}: {why}{more}"
+
+
+def _discard(ckpt: Path) -> None:
+    """Remove `<ckpt>/universal/`: renamed out of the way first, so a kill mid-delete leaves nothing that is used."""
+    doomed = ckpt / _OLD
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(universal_path(ckpt), doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def convert(ckpt: Path, workers: int = 1, checked: tuple[str | None] | None = None) -> Path:
     """Rank 0 / one process: `<ckpt>/universal/` made from the DeepSpeed files of `ckpt` (kept unchanged), unless it
-    exists already. Atomic: built in `<ckpt>/.tmp-universal/` and renamed into place."""
+    exists already and verifies against its manifest (`damage`; `checked` = (its result) when the caller ran it
+    collectively); a damaged one is made again. Atomic: built in `<ckpt>/.tmp-universal/` with its manifest, and
+    renamed into place. One conversion of a checkpoint at a time (`_conversion_lock`): another job resuming the same
+    checkpoint meanwhile waits, then uses what this one made."""
+    with _conversion_lock(ckpt) as waited:
+        return _convert_locked(ckpt, workers, None if waited else checked)
+
+
+@contextlib.contextmanager
+def _conversion_lock(ckpt: Path):
+    """Exclusive flock on `<ckpt>/.universal.lock` (as pretrain.run_lock: the kernel releases it when the holder dies,
+    kill -9 included). The holder deletes the file when done; a waiter that then gets the lock of a deleted file
+    takes the lock again on the current one. Yields whether it had to wait for another holder. Where the filesystem
+    refuses flock, conversions go unlocked, with a warning."""
+    import errno
+    import fcntl
+
+    path, waited = ckpt / _LOCK, False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                print(f"[pretrain] {ckpt}: another process is converting it to its universal form; waiting for it",
+                      flush=True)
+            waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            print(f"[pretrain] warning: cannot lock {path} ({e.strerror}): converting unlocked; do not resume this "
+                  "checkpoint in another layout from two jobs at once", flush=True)
+            yield waited
+            return
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder deleted this file on its way out
+    try:
+        yield waited
+    finally:
+        path.unlink(missing_ok=True)  # before the release: a waiter then finds it gone and locks a new file
+        os.close(fd)
+
+
+def _convert_locked(ckpt: Path, workers: int, checked: tuple[str | None] | None) -> Path:
     out = universal_path(ckpt)
-    if is_converted(out.parent):
-        return out
+    if out.exists():
+        why = checked[0] if checked is not None else damage(ckpt, collective=False)
+        if why is None:
+            return out
+        print(f"[pretrain] {why}; making {out} again from the checkpoint", flush=True)
+        _discard(ckpt)
     tmp = ckpt / _TMP
-    for stale in [tmp, *ckpt.glob(".universal-input-*")]:  # left by a conversion that was killed
+    for stale in [tmp, ckpt / _OLD, *ckpt.glob(".universal-input-*")]:  # left by a conversion that was killed
         shutil.rmtree(stale, ignore_errors=True)
     try:
         with tempfile.TemporaryDirectory(dir=ckpt, prefix=".universal-input-") as scratch:
@@ -111,11 +192,47 @@ def convert(ckpt: Path, workers: int = 1) -> Path:
         (ckpt / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's converter drops it beside its output
         _complete_optimizer_state(tmp / "zero")
         _link_model_state_names(tmp)
+        _fault_injection_pause()
+        manifest.write_complete(tmp, UNIVERSAL_DIR, {})  # last: what `damage` checks on every later use
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        (ckpt / "latest_universal").unlink(missing_ok=True)
+        if isinstance(e, Exception) and _out_of_space(e, ckpt):
+            raise ConfigError(_no_space(ckpt)) from e
         raise
     return out
+
+
+def _fault_injection_pause() -> None:
+    """Tests only: MESH_PRETRAIN_PAUSE_IN_CONVERSION=SECONDS sleeps with every converted file written and neither the
+    manifest nor the rename done (the worst moment for a kill -9)."""
+    import time
+
+    time.sleep(float(os.environ.get("MESH_PRETRAIN_PAUSE_IN_CONVERSION", "0")))
+
+
+def _out_of_space(e: BaseException, ckpt: Path) -> bool:
+    from pretrain.checkpoint import _out_of_space as full
+
+    if isinstance(e, ConfigError):  # ours: only the converter's wrapped failure can be a full disk
+        e = e.__cause__
+        if e is None:
+            return False
+    return full(e, ckpt, _source_bytes(ckpt))
+
+
+def _source_bytes(ckpt: Path) -> int:
+    """About what the universal form takes: the checkpoint's own DeepSpeed files (fp32 weights and moments)."""
+    return sum(f.stat().st_size for f in ckpt.glob("*_states.pt"))
+
+
+def _no_space(ckpt: Path) -> str:
+    from pretrain.checkpoint import _space_note
+
+    return (f"{ckpt}: No space left on device for its universal form ({_space_note(ckpt, None)}; it needs about "
+            f"{_source_bytes(ckpt):,} bytes, the size of the checkpoint's DeepSpeed files); removed the partial "
+            f"{_TMP}. Free space on that filesystem, or resume with the layout it was saved with")
 
 
 def _stage_input(ckpt: Path, scratch: Path) -> list[Path]:
@@ -307,12 +424,21 @@ def convert_collective(ckpt: Path, workers: int) -> Path:
     """Collective: rank 0 converts (if not done yet), the others wait; a failure is raised on every rank."""
     import torch.distributed as dist
 
+    # An existing universal form is verified first, each rank a share of its files (full fp32 weights and moments).
+    present = [universal_path(ckpt).exists()]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(present, src=0)
+    checked = (damage(ckpt),) if present[0] else None
     err = [None]
     if dist.get_rank() == 0:
         try:
-            convert(ckpt, workers)
+            convert(ckpt, workers, checked)
         except ConfigError as e:
             err[0] = str(e)
+        except OSError as e:  # e.g. a checkpoint on a read-only filesystem, or another user's
+            err[0] = (f"{ckpt}: cannot write its universal form inside it ({e.filename or ckpt}: {e.strerror or e}); "
+                      "copy the checkpoint to a writable place and resume from the copy, or resume with the layout "
+                      "it was saved with")
         except Exception as e:  # noqa: BLE001 - any failure must reach every rank as one line
             err[0] = f"{ckpt}: universal-checkpoint conversion failed ({type(e).__name__}: {e})"
     if dist.get_world_size() > 1:
