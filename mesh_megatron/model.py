@@ -87,11 +87,16 @@ class MeshGPTModel(nn.Module):
         labels: torch.Tensor | None = None,
         num_loops: int | None = None,
         record: list | None = None,
+        grad_loops: int | None = None,
     ) -> torch.Tensor:
         """input_ids [b, s] -> per-token loss [b, s] (fp32) if labels are given, else TP-local logits [b, s, V/tp].
 
         `num_loops` overrides K for this call. `record`, if a list, receives (name, tensor) pairs of the states
         along the way (embeddings, loop inputs/outputs, router weights) for the probing diagnostics.
+        `grad_loops` (truncated backprop, training): only the last `grad_loops` core iterations keep their graph; the
+        earlier ones run the core without it (no activations kept), their outputs entering the connection as
+        constants. The connections keep theirs (cheap), so gradients still reach the prelude through the paths that
+        bypass the core: MeSH's buffer, the anchor / residual hand-offs (not the `base` connection's).
         """
         cfg = self.cfg
         k = cfg.num_loops if num_loops is None else num_loops
@@ -116,8 +121,12 @@ class MeshGPTModel(nn.Module):
             if rec:
                 rec(("h_pre", h_pre.detach()))
                 rec(("h_loop.0", h.detach()))
+            first_grad = 0 if grad_loops is None else max(0, k - grad_loops)
             for t in range(k):
-                if cfg.recompute == "loop" and torch.is_grad_enabled():
+                if t < first_grad:
+                    with torch.no_grad():
+                        h_core = self.core(h, freqs)
+                elif cfg.recompute == "loop" and torch.is_grad_enabled():
                     h_core = torch.utils.checkpoint.checkpoint(self.core, h, freqs, use_reentrant=False)
                 else:
                     h_core = self.core(h, freqs)

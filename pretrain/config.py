@@ -65,6 +65,11 @@ class TrainConfig:
     eval_interval: int = 200  # steps between validation runs (0 = only at the end)
     eval_iters: int = 10  # global batches per validation run (the same samples at every evaluation)
     eval_num_loops: list[int] = field(default_factory=list)  # also validate with these loop counts K (recursive/mesh)
+    # Loop count K per training step (recursive / mesh): fixed (model.num_loops) | uniform:A-B | poisson:MEAN |
+    # lognormal-poisson:MEAN[:SIGMA]; drawn from (seed, step), so exact resume holds. pretrain/loop_sampler.py
+    num_loops_train: str = "fixed"
+    num_loops_max: int | None = None  # cap on a drawn K; default: B of uniform:A-B, else 4 x MEAN
+    backprop_loops: int = 0  # truncated backprop: gradients through the last N core iterations only (0 = all)
     log_interval: int = 10  # steps between console lines
     check_replicated_interval: int = 0  # >0: assert TP-replicated params are identical every N steps (debug)
     exit_at_step: int | None = None  # save a checkpoint and stop after this step, as if preempted (chunked runs, tests)
@@ -97,6 +102,13 @@ class TrainConfig:
             raise ConfigError(f"train.loss_spike_window: must be >= 1, got {self.loss_spike_window}")
         if any(k < 1 for k in self.eval_num_loops):
             raise ConfigError(f"train.eval_num_loops: loop counts must be >= 1, got {self.eval_num_loops}")
+        from pretrain.loop_sampler import parse
+
+        parse(self.num_loops_train)
+        if self.num_loops_max is not None and self.num_loops_max < 1:
+            raise ConfigError(f"train.num_loops_max: must be >= 1, got {self.num_loops_max}")
+        if self.backprop_loops < 0:
+            raise ConfigError(f"train.backprop_loops: must be >= 0 (0 = all iterations), got {self.backprop_loops}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size: {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
@@ -359,6 +371,10 @@ def build_run_config(d: dict[str, Any], source: str = "config") -> RunConfig:
             getattr(cfg, name).validate()
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+    looped = cfg.train.num_loops_train != "fixed" or cfg.train.backprop_loops
+    if looped and model.arch == "vanilla":
+        raise ConfigError(f"{source}: train.num_loops_train / train.backprop_loops: a vanilla model has no loop; "
+                          "remove them or use arch recursive / mesh")
     try:
         model.validate_parallel(cfg.parallel.tensor_parallel_size)
         cfg.eval.check_run(cfg)

@@ -28,6 +28,7 @@ from pretrain import eval_launcher, run_lock, universal
 from pretrain.config import RunConfig
 from pretrain.data import BatchPrefetcher, build_datasets, eval_micro_batches
 from pretrain.data_checks import check_data
+from pretrain.loop_sampler import LoopSampler
 from pretrain.metrics import Metrics, device_peak_tflops, fmt_eta, memory_gib
 from pretrain.schedule import build_scheduler
 
@@ -352,8 +353,6 @@ class Trainer:
 
     def open_logs(self) -> None:
         """The metrics sinks (continuing the resumed run's wandb run) and the constants for throughput and MFU."""
-        from mesh_megatron.params import flops_per_token
-
         t_phase = time.time()
         self.metrics = Metrics(self.cfg, self.rank, self.run_dir, resume_wandb_id=self.state.wandb_id)
         self.phases["logging"] = time.time() - t_phase
@@ -364,7 +363,10 @@ class Trainer:
                 if self.last_ckpt is not None:
                     self.eval_launcher.resumed(self.state.step, self.last_ckpt)
         self.peak = device_peak_tflops(self.cfg.logging.peak_tflops)
-        self.fpt = flops_per_token(self.cfg.model)
+        t, model = self.t, self.cfg.model
+        self.loops = None if model.arch == "vanilla" else LoopSampler(t.num_loops_train, t.seed, model.num_loops,
+                                                                      t.num_loops_max)
+        self.step_flops: list[float] = []  # training FLOPs per token of each step: K (and truncation) vary
 
     def announce(self) -> None:
         """Rank 0 only: what is trained on what layout and batch, and where the setup time went."""
@@ -443,9 +445,15 @@ class Trainer:
         grad_norm = None
         skipped_here = False
         batches = self.prefetcher.batches(state.step)
+        # K of this step (the same on every rank: a function of seed and step); None = model.num_loops
+        k = None if self.loops is None or self.loops.fixed else self.loops.k(state.step)
+        grad_loops = t.backprop_loops or None
+        self.step_k = k
+        self.step_flops.append(self.flops_per_token(k if k is not None else self.cfg.model.num_loops or None))
         for i, b in enumerate(batches):
             loss_tok = engine(input_ids=b["tokens"].to(engine.device, non_blocking=True),
-                              labels=b["labels"].to(engine.device, non_blocking=True))
+                              labels=b["labels"].to(engine.device, non_blocking=True), num_loops=k,
+                              grad_loops=grad_loops)
             mask = b["loss_mask"].to(engine.device, non_blocking=True)
             loss = (loss_tok.float() * mask).sum() / mask.sum().clamp_min(1.0)
             engine.backward(loss)
@@ -496,17 +504,31 @@ class Trainer:
         engine.global_samples += engine.train_batch_size()
         engine.skipped_steps += 1
 
+    def flops_per_token(self, k: int | None) -> float:
+        """Training FLOPs per token of a step that ran K = k loops: with truncated backprop, the core iterations
+        without a graph cost their forward pass only (a third of forward + backward)."""
+        from mesh_megatron.params import flops_per_token
+
+        full = flops_per_token(self.cfg.model, num_loops=k)
+        n = self.t.backprop_loops
+        if k is None or not n or n >= k:
+            return full
+        return full - 2.0 / 3.0 * (full - flops_per_token(self.cfg.model, num_loops=n))
+
     def log_step(self, loss: float, lr: float, grad_norm: float, dt: float) -> None:
         """The step's metrics record, with a console line every log_interval steps and at the first and last step;
         the guard's events (non-finite step, loss spike) after it, then TrainingDiverged if the guard stops the run."""
         t, step = self.t, self.state.step
         recent = self.step_times[-10:]
         tps = self.tokens_per_step / (sum(recent) / len(recent))
-        mfu = self.fpt * tps / (self.world * self.peak * 1e12) if self.peak else None
+        flops = sum(self.step_flops[-10:]) * self.tokens_per_step / sum(recent)  # of the steps actually run
+        mfu = flops / (self.world * self.peak * 1e12) if self.peak else None
         record = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
             "tokens_seen": self.state.tokens_seen, "step_time_s": dt, "memory_gib": memory_gib(),
         }
+        if self.loops is not None and not self.loops.fixed:
+            record["num_loops"] = self.step_k
         if mfu is not None:
             record["mfu"] = mfu
         console = None
