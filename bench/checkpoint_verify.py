@@ -80,22 +80,26 @@ def best(fn, repeats: int, before=None) -> float:
     return min(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, result: str) -> argparse.Namespace:
+    """The model-size flags both checkpoint benches take (default: the ~100M-parameter model)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir on /tmp's disk)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpoint_verify.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / result))
+    return ap.parse_args()
 
+
+def stepped_trainer(args: argparse.Namespace, work: Path):
+    """(trainer, run config, parameter count): the bench model built by the trainer in one process and stepped
+    once, so the optimizer's moments exist and the checkpoint files have their full size."""
     from mesh_megatron.config import ModelConfig
     from mesh_megatron.params import count_parameters
     from pretrain.config import build_run_config
     from pretrain.train import Trainer
 
-    work = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-verify-"))
     model = {"name": "bench", "arch": "mesh", "prelude_layers": 1, "core_layers": 2, "num_loops": 2, "coda_layers": 1,
              "hidden_size": args.hidden, "num_attention_heads": args.heads, "seq_length": 256,
              "vocab_size": args.vocab, "make_vocab_size_divisible_by": 128}
@@ -107,14 +111,20 @@ def main() -> None:
         "checkpoint": {"save_interval": 0, "keep_last": 0, "save_at_end": False},
         "logging": {"dir": str(work / "run"), "wandb": {"mode": "disabled"}},
     }, source="bench")
-    params = count_parameters(ModelConfig.from_dict(model))["total"]
     t = Trainer(cfg)
     t.setup()
     t.build()
     t.restore()
     t.load_data()
     t.open_logs()
-    t.train_step()  # the optimizer's moments exist only after a step: the files are full size
+    t.train_step()
+    return t, cfg, count_parameters(ModelConfig.from_dict(model))["total"]
+
+
+def main() -> None:
+    args = parse_args(__doc__, "checkpoint_verify.json")
+    work = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-verify-"))
+    t, cfg, params = stepped_trainer(args, work)
     state = t.state
     root = t.root
 

@@ -18,7 +18,6 @@ this single process does all of them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -31,47 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from checkpoint_verify import best, evict, make_dataset  # noqa: E402
+from checkpoint_verify import best, evict, parse_args, stepped_trainer  # noqa: E402
 
 from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain import manifest, universal  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir on /tmp's disk)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "universal_verify.json"))
-    args = ap.parse_args()
-
-    from mesh_megatron.config import ModelConfig
-    from mesh_megatron.params import count_parameters
-    from pretrain.config import build_run_config
-    from pretrain.train import Trainer
-
+    args = parse_args(__doc__, "universal_verify.json")
     work = Path(args.dir or tempfile.mkdtemp(prefix="universal-verify-"))
-    model = {"name": "bench", "arch": "mesh", "prelude_layers": 1, "core_layers": 2, "num_loops": 2, "coda_layers": 1,
-             "hidden_size": args.hidden, "num_attention_heads": args.heads, "seq_length": 256,
-             "vocab_size": args.vocab, "make_vocab_size_divisible_by": 128}
-    cfg = build_run_config({
-        "model": model,
-        "data": {"paths": [make_dataset(work / "data" / "random", args.vocab)], "split": "98,1,1"},
-        "train": {"train_iters": 10, "micro_batch_size": 1, "global_batch_size": 1, "eval_interval": 0},
-        "parallel": {"zero_stage": 1},
-        "checkpoint": {"save_interval": 0, "keep_last": 0, "save_at_end": False},
-        "logging": {"dir": str(work / "run"), "wandb": {"mode": "disabled"}},
-    }, source="bench")
-    params = count_parameters(ModelConfig.from_dict(model))["total"]
-    t = Trainer(cfg)
-    t.setup()
-    t.build()
-    t.restore()
-    t.load_data()
-    t.open_logs()
-    t.train_step()  # the optimizer's moments exist only after a step: the files are full size
+    t, cfg, params = stepped_trainer(args, work)
     path = ckpt.save(t.engine, cfg, t.state, t.root)
     t.metrics.close()
     t.engine.destroy()
