@@ -16,7 +16,7 @@ from torch import nn
 
 from mesh_megatron.config import ConfigError, ModelConfig
 from mesh_megatron.layers import Stack, base_std, layer_norm, megatron_config, normal_init, rotary_freqs, torch_dtype
-from mesh_megatron.standalone.connections import build_connection
+from mesh_megatron.standalone.connections import EarlyExit, build_connection, check_exit_threshold
 
 
 class MeshGPTModel(nn.Module):
@@ -88,6 +88,7 @@ class MeshGPTModel(nn.Module):
         num_loops: int | None = None,
         record: list | None = None,
         grad_loops: int | None = None,
+        exit_threshold: float | None = None,
     ) -> torch.Tensor:
         """input_ids [b, s] -> per-token loss [b, s] (fp32) if labels are given, else TP-local logits [b, s, V/tp].
 
@@ -97,6 +98,9 @@ class MeshGPTModel(nn.Module):
         earlier ones run the core without it (no activations kept), their outputs entering the connection as
         constants. The connections keep theirs (cheap), so gradients still reach the prelude through the paths that
         bypass the core: MeSH's buffer, the anchor / residual hand-offs (not the `base` connection's).
+        `exit_threshold` (None or 0: off): per-token early exit (docs/architecture.md "Early exit"); a token whose
+        state changes by less than this (relative) in an iteration keeps that state for the rest of the loop. `record`
+        then also gets "loops_per_token" [b, s] and "exit_change.<t>" [b, s] (this rank's tokens under SP).
         """
         cfg = self.cfg
         k = cfg.num_loops if num_loops is None else num_loops
@@ -122,6 +126,8 @@ class MeshGPTModel(nn.Module):
                 rec(("h_pre", h_pre.detach()))
                 rec(("h_loop.0", h.detach()))
             first_grad = 0 if grad_loops is None else max(0, k - grad_loops)
+            threshold = check_exit_threshold(exit_threshold)
+            exits = EarlyExit(threshold, h) if threshold is not None else None
             for t in range(k):
                 if t < first_grad:
                     with torch.no_grad():
@@ -130,10 +136,21 @@ class MeshGPTModel(nn.Module):
                     h_core = torch.utils.checkpoint.checkpoint(self.core, h, freqs, use_reentrant=False)
                 else:
                     h_core = self.core(h, freqs)
+                h_in = h
                 h, state = self.connection.step(t, h, h_core, state, record, last=t == k - 1)
+                if exits is not None:
+                    h = exits.step(h_in, h)
                 if rec:
                     rec((f"h_core.{t}", h_core.detach()))
                     rec((f"h_loop.{t + 1}", h.detach()))
+                    if exits is not None:
+                        rec((f"exit_change.{t}", exits.change.t()))
+                # Once every token is out the rest changes nothing; stop (not under SP: ranks hold different tokens
+                # and must run the same collectives).
+                if exits is not None and not self.sequence_parallel and t < k - 1 and exits.all_exited():
+                    break
+            if rec and exits is not None:
+                rec(("loops_per_token", exits.loops.t()))
             h = self.coda(h, freqs)
         if rec:
             rec(("h_out", h.detach()))

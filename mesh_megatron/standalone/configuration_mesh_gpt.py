@@ -6,6 +6,8 @@ installed. Field meanings follow mesh_megatron.config.ModelConfig; names follow 
 `num_loops` is the number of core iterations run at inference and may be overridden at load time,
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True, num_loops=4)`; `trained_num_loops` (K at
 training) fixes how many per-iteration routers / gates the weights hold, and extra iterations reuse the last one's.
+`exit_threshold` (None: off) turns on per-token early exit the same way, e.g. `exit_threshold=0.05`
+(docs/architecture.md "Early exit").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class MeshGPTConfig(PreTrainedConfig):
     prelude_layers: int = 2
     core_layers: int = 4
     num_loops: int = 2  # K run at inference (overridable at load)
+    exit_threshold: float | None = None  # per-token early exit, relative change of the state; None/0 off (overridable at load)
     trained_num_loops: int | None = None  # K at training; default num_loops
     coda_layers: int = 2
     connection: str = "base"  # recursive only
@@ -61,6 +64,8 @@ class MeshGPTConfig(PreTrainedConfig):
             raise ValueError(f"MeshGPTConfig.connection {self.connection!r} is not one of {CONNECTIONS}")
         if not isinstance(self.num_loops, int) or self.num_loops < 1:
             raise ValueError(f"num_loops must be an integer >= 1, got {self.num_loops!r}")
+        if self.exit_threshold is not None and not (isinstance(self.exit_threshold, (int, float)) and self.exit_threshold >= 0):
+            raise ValueError(f"exit_threshold must be None (off) or a number >= 0, got {self.exit_threshold!r}")
 
     @property
     def head_dim(self) -> int:

@@ -107,3 +107,49 @@ def build_connection(arch: str, connection: str, hidden_size: int, num_loops: in
     if connection == "base":
         return SupplementConnection(())
     return SupplementConnection(tuple(connection.split("+")))
+
+
+# --- per-token early exit (docs/architecture.md "Early exit") ----------------------------------------------------------
+
+
+def relative_change(h_old: torch.Tensor, h_new: torch.Tensor) -> torch.Tensor:
+    """Per token ||h_new - h_old|| / ||h_old|| over the hidden (last) dim, in fp32: [..., d] -> [...]."""
+    old = h_old.float()
+    return (h_new.float() - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def check_exit_threshold(threshold) -> float | None:
+    """The early-exit switch: None or 0 -> None (off); else a number >= 0 (inf: every token exits after one loop)."""
+    if threshold is None:
+        return None
+    value = float(threshold)
+    if value != value or value < 0:  # NaN or negative
+        raise ValueError(f"exit_threshold must be None (off) or a number >= 0, got {threshold!r}")
+    return value or None
+
+
+class EarlyExit:
+    """Tracks which tokens have left the loop. A token exits after the first iteration whose relative change of its
+    state, ||h^(t+1) - h^(t)|| / ||h^(t)||, is below `threshold`; from then on its state is carried unchanged, so the
+    dense loop still runs the core on it (its K/V in later iterations come from the carried state) while its value
+    reaching the coda is the one it exited with. The connection's own state (MeSH buffer) needs no freezing: it is
+    per token and reaches the token only through the new state, which is discarded.
+
+    Layout-agnostic: token dims are every dim but the last ([s, b] in training, [b, s] in the HF model)."""
+
+    def __init__(self, threshold: float, h0: torch.Tensor):
+        self.threshold = threshold
+        self.exited = torch.zeros(h0.shape[:-1], dtype=torch.bool, device=h0.device)
+        self.loops = torch.zeros(h0.shape[:-1], dtype=torch.long, device=h0.device)  # iterations that updated a token
+        self.change: torch.Tensor | None = None  # this iteration's relative change (of the candidate state)
+
+    def step(self, h_old: torch.Tensor, h_new: torch.Tensor) -> torch.Tensor:
+        """One loop iteration's hand-off -> the next state, with the already-exited tokens held at their old one."""
+        frozen = self.exited
+        self.loops += (~frozen).long()
+        self.change = relative_change(h_old, h_new)
+        self.exited = frozen | (self.change < self.threshold)  # monotone: an exited token stays exited
+        return torch.where(frozen.unsqueeze(-1), h_old, h_new)
+
+    def all_exited(self) -> bool:
+        return bool(self.exited.all())

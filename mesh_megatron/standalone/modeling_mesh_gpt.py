@@ -13,12 +13,18 @@ cache slot, keyed by its unrolled index (prelude 0..P-1, then loop t layer j at 
 the shared layer object. The MeSH buffer, routers and loop connections act per token, so they need no cache: a
 decoding step only recomputes them for the new tokens.
 
+Early exit (`exit_threshold`, config or per call): a token whose state changes by less than the threshold (relative)
+in a loop iteration keeps that state for the remaining iterations. The loop stays dense: later iterations still run the
+core on the carried state, so every applied layer's cache slot holds that token's K/V and decoding with the cache
+equals the full forward. `loops_per_token` (output field) says how many iterations updated each token.
+
 Depends only on torch, transformers and its sibling files (no megatron-core, no mesh_megatron).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +34,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_mesh_gpt import MeshGPTConfig
-from .connections import StaticCombConnection, build_connection
+from .connections import EarlyExit, StaticCombConnection, build_connection, check_exit_threshold
 
 # --- rotary (GPT-NeoX: rotate_half on the first rotary dims) -------------------------------------------------------
 
@@ -172,6 +178,8 @@ class MeshGPTModel(MeshGPTPreTrainedModel):
             config.arch, config.connection, config.hidden_size, config.trained_num_loops, num_slots=config.mesh_slots
         )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.loops_per_token: torch.Tensor | None = None
+        self.reset_exit_stats()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -180,9 +188,13 @@ class MeshGPTModel(MeshGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_in = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, num_loops=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, num_loops=None,
+                exit_threshold=None):
+        """-> final hidden states [b, s, d]; sets `self.loops_per_token` [b, s] (iterations that updated each token)
+        and adds the non-padding new tokens to `self.exit_stats` (see `average_loops_per_token`)."""
         cfg = self.config
         k = cfg.num_loops if num_loops is None else int(num_loops)
+        threshold = check_exit_threshold(cfg.exit_threshold if exit_threshold is None else exit_threshold)
         if k < 1:
             raise ValueError(f"num_loops must be >= 1, got {k}")
         b, s = input_ids.shape
@@ -204,12 +216,46 @@ class MeshGPTModel(MeshGPTPreTrainedModel):
         h_pre = self.prelude(h, cos, sin, mask, past_key_values, slot)
         slot += cfg.prelude_layers
         x, state = self.connection.start(h, h_pre)
+        exits = EarlyExit(threshold, x) if threshold is not None else None
         for t in range(k):
             h_core = self.core(x, cos, sin, mask, past_key_values, slot)
             slot += cfg.core_layers
-            x, state = self.connection.step(t, x, h_core, state, last=t == k - 1)
+            x_new, state = self.connection.step(t, x, h_core, state, last=t == k - 1)
+            x = exits.step(x, x_new) if exits is not None else x_new
+            # All tokens out: the rest changes nothing, but with a cache its slots must still be filled.
+            if exits is not None and past_key_values is None and t < k - 1 and exits.all_exited():
+                slot += cfg.core_layers * (k - 1 - t)
+                break
+        self.loops_per_token = exits.loops if exits is not None else torch.full((b, s), k, dtype=torch.long, device=h.device)
+        self._count_loops(attention_mask, s)
         x = self.coda(x, cos, sin, mask, past_key_values, slot)
         return self.final_layer_norm(x)
+
+    def _count_loops(self, attention_mask, s):
+        # Tensors, not Python ints: no host sync per decoding step.
+        loops = self.loops_per_token
+        if attention_mask is not None:
+            loops = loops * attention_mask[:, -s:].to(loops.dtype)  # padding counts neither loops nor tokens
+        tokens = attention_mask[:, -s:].sum() if attention_mask is not None else loops.new_tensor(loops.numel())
+        self.exit_stats["tokens"] = self.exit_stats["tokens"] + tokens.to(loops.device)
+        self.exit_stats["loops"] = self.exit_stats["loops"] + loops.sum()
+
+    @property
+    def average_loops_per_token(self) -> float | None:
+        """Mean loop iterations per (non-padding) token over every forward since the last `reset_exit_stats()`."""
+        tokens = int(self.exit_stats["tokens"])
+        return float(self.exit_stats["loops"]) / tokens if tokens else None
+
+    def reset_exit_stats(self):
+        """Zero the running token / loop counts behind `average_loops_per_token`."""
+        self.exit_stats = {"tokens": 0, "loops": 0}
+
+
+@dataclass
+class MeshGPTCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `loops_per_token` [b, s]: loop iterations that updated each input token."""
+
+    loops_per_token: torch.LongTensor | None = None
 
 
 class MeshGPTForCausalLM(MeshGPTPreTrainedModel, GenerationMixin):
@@ -242,9 +288,11 @@ class MeshGPTForCausalLM(MeshGPTPreTrainedModel, GenerationMixin):
         num_loops: int | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        exit_threshold: float | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """`num_loops` overrides the config's (load-time) loop count for this call."""
+    ) -> MeshGPTCausalLMOutput:
+        """`num_loops` overrides the config's (load-time) loop count for this call, `exit_threshold` its early-exit
+        threshold (0: off for this call); the output's `loops_per_token` reports the loops each token ran."""
         if input_ids is None:
             raise ValueError("MeshGPTForCausalLM needs input_ids (inputs_embeds are not supported)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -252,7 +300,7 @@ class MeshGPTForCausalLM(MeshGPTPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache()
         if not use_cache:
             past_key_values = None
-        h = self.model(input_ids, attention_mask, position_ids, past_key_values, num_loops)
+        h = self.model(input_ids, attention_mask, position_ids, past_key_values, num_loops, exit_threshold)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -261,7 +309,8 @@ class MeshGPTForCausalLM(MeshGPTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return MeshGPTCausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values,
+                                     loops_per_token=self.model.loops_per_token)
 
 
-__all__ = ["MeshGPTForCausalLM", "MeshGPTModel", "MeshGPTPreTrainedModel"]
+__all__ = ["MeshGPTCausalLMOutput", "MeshGPTForCausalLM", "MeshGPTModel", "MeshGPTPreTrainedModel"]
