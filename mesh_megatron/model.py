@@ -146,8 +146,9 @@ class MeshGPTModel(nn.Module):
                     if exits is not None:
                         rec((f"exit_change.{t}", exits.change.t()))
                 # Once every token is out the rest changes nothing; stop (not under SP: ranks hold different tokens
-                # and must run the same collectives).
-                if exits is not None and not self.sequence_parallel and t < k - 1 and exits.all_exited():
+                # and must run the same collectives; not when recording: the probe reads every iteration's state).
+                if (exits is not None and not self.sequence_parallel and not rec and t < k - 1
+                        and exits.all_exited()):
                     break
             if rec and exits is not None:
                 rec(("loops_per_token", exits.loops.t()))

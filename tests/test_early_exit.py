@@ -106,8 +106,8 @@ def test_training_model_exit_mask(single_process, case):
     loops = rec["loops_per_token"]
     assert loops.shape == ids.shape
     check_margin(rec, loops, thr)
-    ran = sum(f"exit_change.{t}" in rec for t in range(K))  # the loop stops once every token is out
-    assert ran == min(K, int(loops.max()))
+    ran = sum(f"exit_change.{t}" in rec for t in range(K))
+    assert ran == K  # with a record every iteration runs (the probe reads them); without, it stops once all are out
     expected = torch.full_like(loops, K)
     for t in reversed(range(ran)):  # changes of already-exited tokens are ignored: first crossing wins
         expected = torch.where(rec[f"exit_change.{t}"] < thr, t + 1, expected)
@@ -116,7 +116,8 @@ def test_training_model_exit_mask(single_process, case):
     for t in range(1, ran):
         out = (loops <= t).t()  # [s, b] as the recorded states
         assert torch.equal(rec[f"h_loop.{t + 1}"][out], rec[f"h_loop.{t}"][out])
-        assert not torch.equal(rec[f"h_loop.{t + 1}"][~out], rec[f"h_loop.{t}"][~out])
+        if (~out).any():
+            assert not torch.equal(rec[f"h_loop.{t + 1}"][~out], rec[f"h_loop.{t}"][~out])
     print(f"{case}: threshold {thr}, average loops per token {loops.float().mean():.2f} of {K}")
 
 

@@ -247,3 +247,24 @@ def test_export_unwritable_out_fails_before_gathering(run, tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("mesh-export: error: --out ") and "\n" not in err, err
     assert gathered == []
+
+
+def test_exit_threshold_reports_loops_per_token(evaluated, run, tmp_path):
+    """--exit-threshold: recorded per (checkpoint, K) with the average loops per token; an infinite threshold is
+    one loop for every token (the K=1 perplexity), and the setting is part of the cache key."""
+    from mesh_tools.eval.cli import main
+
+    out, _ = evaluated
+    ckpts, prefix = run
+    common = ["--checkpoint", str(ckpts / "step_00000002"), "--ppl", prefix, "--ppl-tokens", "128", "--num-loops",
+              "2", "--no-progress", "--device", "cpu", "--wandb", "disabled"]
+    assert main([*common, "--out", str(tmp_path / "inf"), "--exit-threshold", "1e30"]) == 0
+    inf = json.loads((tmp_path / "inf" / "results" / "step_00000002_K2.json").read_text())
+    k1 = json.loads((out / "results" / "step_00000002_K1.json").read_text())
+    assert inf["metrics"]["loops_per_token"] == 1.0 and inf["settings"]["exit_threshold"] == 1e30
+    assert inf["metrics"]["ppl/corpus"] == pytest.approx(k1["metrics"]["ppl/corpus"], rel=1e-6)
+    assert main([*common, "--out", str(tmp_path / "mid"), "--exit-threshold", "0.3"]) == 0
+    mid = json.loads((tmp_path / "mid" / "results" / "step_00000002_K2.json").read_text())
+    assert 1.0 <= mid["metrics"]["loops_per_token"] <= 2.0
+    assert mid["settings_key"] != inf["settings_key"]
+    assert main([*common, "--out", str(tmp_path / "bad"), "--exit-threshold", "-1"]) == 2

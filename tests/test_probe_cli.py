@@ -154,3 +154,18 @@ def test_fresh_init_and_clear_errors(workdir, capsys):
     assert "different tokenizer" in capsys.readouterr().err
     assert _run(["run", "--config", str(cfg), "--data", prefix, "--doc-range", "0.5:0.2", "--out", str(tmp / "o5")]) == 2
     assert "start < end" in capsys.readouterr().err
+
+
+def test_exit_threshold_records_loops_per_token(workdir):
+    """--exit-threshold: probe.json records the average loops per token (an infinite threshold: one loop each, the
+    K=1 loss); off, nothing is recorded."""
+    tmp, prefix = workdir
+    _, cfg, sd = _model_and_state(tmp, "tiny-mesh", seed=5)
+    common = ["run", "--config", str(cfg), "--state-dict", str(sd), "--data", prefix, "--num-sequences", "4",
+              "--no-plots"]
+    assert _run([*common, "--num-loops", "2", "--exit-threshold", "1e30", "--out", str(tmp / "ee")]) == 0
+    assert _run([*common, "--num-loops", "1", "--out", str(tmp / "k1")]) == 0
+    ee, k1 = (json.loads((tmp / d / "probe.json").read_text()) for d in ("ee", "k1"))
+    assert ee["exit_threshold"] == 1e30 and ee["loops_per_token"]["mean"] == 1.0
+    assert ee["loss"]["mean"] == pytest.approx(k1["loss"]["mean"], rel=1e-6)
+    assert k1["loops_per_token"] is None and k1["exit_threshold"] is None

@@ -24,6 +24,7 @@ class EvalSettings:
     ppl_prefixes: list[str] = field(default_factory=list)
     ppl_tokens: int = 65536
     dtype: str = "float32"
+    exit_threshold: float | None = None  # per-token early exit (recursive / MeSH): docs/architecture.md, Early exit
 
     def key(self) -> str:
         """A short hash of the settings and of the local task files' contents (an edited task re-evaluates)."""

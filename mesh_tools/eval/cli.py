@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="*", default=[], help="lm-eval task or group names (e.g. lambada_openai piqa)")
     p.add_argument("--include-path", help="a directory of extra lm-eval task YAMLs (local tasks)")
     p.add_argument("--num-loops", nargs="+", type=int, help="loop counts K to evaluate recursive / MeSH models at (default: as trained)")
+    p.add_argument("--exit-threshold", type=float, metavar="T", help="recursive / MeSH: per-token early exit: a token "
+                   "stops looping once its state changes by less than T (relative) between loops; the results record "
+                   "the average loops per token (default: off)")
     p.add_argument("--ppl", nargs="*", default=[], metavar="PREFIX", help=".bin/.idx dataset prefixes to measure perplexity on")
     p.add_argument("--ppl-tokens", type=int, default=65536, help="predicted tokens per perplexity dataset (default 65536)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
@@ -72,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = TokenizerSource(kind=args.tokenizer_kind, path=Path(args.tokenizer), eod_token=args.eod_token) if args.tokenizer else None
     settings = EvalSettings(tasks=list(args.tasks), include_path=args.include_path, num_fewshot=args.num_fewshot, limit=args.limit,
                             max_length=args.max_length, ppl_prefixes=[str(p) for p in args.ppl], ppl_tokens=args.ppl_tokens,
-                            dtype=args.dtype)
+                            dtype=args.dtype, exit_threshold=args.exit_threshold)
     try:
         if args.ppl_tokens < 1 or args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
             raise ConfigError("--ppl-tokens, --batch-size and --max-length must be >= 1")
+        if args.exit_threshold is not None and not args.exit_threshold >= 0:
+            raise ConfigError(f"--exit-threshold {args.exit_threshold}: must be >= 0 (0 = off)")
         if args.idle_timeout < 0 or args.poll <= 0:
             raise ConfigError("--idle-timeout must be >= 0 and --poll > 0")
         if args.watch:

@@ -273,8 +273,12 @@ def evaluate(checkpoint: str | Path, out: str | Path, settings: EvalSettings, *,
             per_ckpt = []
             for c, k in todo:
                 bar.set_postfix_str(f"{path.name} K={k}")
+                looped = hasattr(model, "model") and hasattr(model.model, "reset_exit_stats")
                 if k is not None:
                     model.config.num_loops = k  # the standalone model reads its loop count from the config at each call
+                if looped:
+                    model.config.exit_threshold = settings.exit_threshold  # also read at each call; None = off
+                    model.model.reset_exit_stats()
                 t0 = time.time()
                 metrics, lm_out, ppl = {}, None, {}
                 if settings.tasks:
@@ -285,6 +289,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, settings: EvalSettings, *,
                     ppl[prefix] = perplexity(model, prefix, cfg.seq_length, settings.ppl_tokens, batch_size, cfg.padded_vocab_size)
                     metrics[f"ppl/{name}"] = ppl[prefix]["ppl"]
                     metrics[f"loss/{name}"] = ppl[prefix]["loss"]
+                if looped and settings.exit_threshold:
+                    metrics["loops_per_token"] = model.model.average_loops_per_token
                 rec = {"checkpoint": str(path), "step": c.step, "tokens_seen": c.tokens_seen, "num_loops": k,
                        "trained_num_loops": cfg.num_loops if cfg.arch != "vanilla" else None, "arch": cfg.arch,
                        "max_length": max_length, "settings": asdict(settings), "settings_key": key, "metrics": metrics,

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default: the model's seq_length)")
     r.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     r.add_argument("--num-loops", type=int, default=None, help="loop iterations K at probe time (default: trained K)")
+    r.add_argument("--exit-threshold", type=float, default=None, metavar="T",
+                   help="recursive / MeSH: per-token early exit at relative state change T (default off); probe.json "
+                   "then records the average loops per token, and the states after a token's exit are its carried state")
     r.add_argument("--top-k", type=int, default=50, help="singular values kept per spectrum (default 50, as the paper)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     r.add_argument("--seed", type=int, default=0, help="seed for a fresh init (--config without --state-dict)")
@@ -95,7 +98,10 @@ def run(args) -> dict:
     seq = args.seq_length or cfg.seq_length
     windows = load_windows(args.data, args.num_sequences, seq, args.doc_range, vocab_size=cfg.padded_vocab_size)
     t0 = time.time()
-    res = probe(model, windows, batch_size=args.batch_size, num_loops=args.num_loops, top_k=args.top_k, device=device)
+    if args.exit_threshold is not None and cfg.arch == "vanilla":
+        raise ValueError("--exit-threshold: a vanilla model has no loop")
+    res = probe(model, windows, batch_size=args.batch_size, num_loops=args.num_loops, top_k=args.top_k, device=device,
+                exit_threshold=args.exit_threshold)
     name = args.name or cfg.name or cfg.arch
     out = {
         "version": 1,

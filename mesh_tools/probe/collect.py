@@ -75,7 +75,7 @@ def _vanilla_hooks(model, record: list):
 
 @torch.no_grad()
 def probe(model, windows: torch.Tensor, batch_size: int = 8, num_loops: int | None = None, top_k: int = 50,
-          device: str | torch.device = "cpu", progress: bool = True) -> dict:
+          device: str | torch.device = "cpu", progress: bool = True, exit_threshold: float | None = None) -> dict:
     """windows Long[n, s+1] -> statistics dict (see mesh_tools.probe.cli for the JSON layout)."""
     cfg = model.cfg
     k = cfg.num_loops if num_loops is None else num_loops
@@ -94,7 +94,8 @@ def probe(model, windows: torch.Tensor, batch_size: int = 8, num_loops: int | No
         record: list = []
         handles = _vanilla_hooks(model, record) if cfg.arch == "vanilla" else []
         try:
-            loss = model(batch[:, :-1], labels=batch[:, 1:], num_loops=None if cfg.arch == "vanilla" else k, record=record)
+            looped = {} if cfg.arch == "vanilla" else {"num_loops": k, "exit_threshold": exit_threshold}
+            loss = model(batch[:, :-1], labels=batch[:, 1:], record=record, **looped)
         finally:
             for h in handles:
                 h.remove()
@@ -104,6 +105,8 @@ def probe(model, windows: torch.Tensor, batch_size: int = 8, num_loops: int | No
             raise RuntimeError(f"the model did not record {missing}; is it a mesh_megatron MeshGPTModel?")
         for j in range(batch.shape[0]):
             add("loss", float(loss[j].float().mean()))
+            if "loops_per_token" in rec:  # early exit: the states after a token's exit are its carried state
+                add("loops_per_token", float(rec["loops_per_token"][:, j].float().mean()))
             states = [rec[n][:, j, :] for n in names]
             add("cka_rbf", M.cka_matrix(states, "rbf").cpu().numpy())
             add("cka_linear", M.cka_matrix(states, "linear").cpu().numpy())
@@ -127,6 +130,8 @@ def probe(model, windows: torch.Tensor, batch_size: int = 8, num_loops: int | No
     labels = [l for _, l in plan["states"]]
     out: dict = {
         "num_loops": None if cfg.arch == "vanilla" else k,
+        "exit_threshold": exit_threshold,
+        "loops_per_token": acc["loops_per_token"].reduce() if "loops_per_token" in acc else None,
         "states": names,
         "state_labels": labels,
         "loss": acc["loss"].reduce(),
