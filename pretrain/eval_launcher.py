@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from mesh_megatron.config import ConfigError
+from pretrain.launcher import LAUNCHER_ENV
 
 
 @dataclass
@@ -184,8 +185,11 @@ class EvalLauncher:
         logs.mkdir(parents=True, exist_ok=True)
         log_path, records_path = logs / f"{_tag(step)}.log", self.out / "records" / f"{_tag(step)}.json"
         records_path.unlink(missing_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.e.threads), "MKL_NUM_THREADS": str(self.e.threads),
-               "TOKENIZERS_PARALLELISM": "false"}
+        # A job of its own: not this process's launcher rank variables, and not its wandb service (the evaluation
+        # outlives or is killed apart from the trainer; a shared service would take the other's run down with it).
+        drop = {*LAUNCHER_ENV, "WANDB_SERVICE"}
+        env = {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": str(self.e.threads),
+               "MKL_NUM_THREADS": str(self.e.threads), "TOKENIZERS_PARALLELISM": "false"}
         if self.e.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA context on the training GPUs
         with open(log_path, "w") as f:
