@@ -47,3 +47,19 @@ def fresh_job_env(**extra: str) -> dict:
     base = {k: v for k, v in os.environ.items() if k not in (*LAUNCHER_ENV, "WANDB_SERVICE")}
     return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
             "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _wandb_service_per_module():
+    """An in-process wandb run starts a wandb-core service that outlives its test module and is remembered in
+    WANDB_SERVICE; a later module that signals this process (the preemption tests) can take it down under the next
+    module's runs, which then write no .wandb file. Each module ends with its service torn down."""
+    import sys
+
+    yield
+    if "wandb" in sys.modules:
+        try:
+            sys.modules["wandb"].teardown()
+        except Exception:  # noqa: BLE001 - best effort: a service that is already gone is the point
+            pass
+    os.environ.pop("WANDB_SERVICE", None)
