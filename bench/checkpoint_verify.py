@@ -121,6 +121,18 @@ def stepped_trainer(args: argparse.Namespace, work: Path):
     return t, cfg, count_parameters(ModelConfig.from_dict(model))["total"]
 
 
+def write_result(path: str, params: int, files: dict, total: int, rows: dict, extra: dict) -> Path:
+    """The bench's JSON (machine, sizes, seconds and GiB/s per row, plus `extra`), written atomically."""
+    device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_atomic(out, json.dumps({
+        "device": device, "parameters": params, "files": len(files), "bytes": total, "hash": manifest.ALGO,
+        "seconds": rows, "gib_per_s": {k: total / 2**30 / v for k, v in rows.items()}, **extra,
+    }, indent=2) + "\n")
+    return out
+
+
 def main() -> None:
     args = parse_args(__doc__, "checkpoint_verify.json")
     work = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-verify-"))
@@ -158,16 +170,11 @@ def main() -> None:
     print(f"hashing adds {rows['hash at save (warm)'] / save_s:.0%} to the save; a cold resume (verify, then load) "
           f"takes {rows['verify, then load (cold)'] / load_cold - 1:+.0%} vs the load alone; verifying adds "
           f"{rows['verify (warm)'] / load_warm:.0%} to a warm load")
-    device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_atomic(out, json.dumps({
-        "device": device, "parameters": params, "files": len(files), "bytes": total, "hash": manifest.ALGO,
-        "seconds": rows, "gib_per_s": {k: total / 2**30 / v for k, v in rows.items()},
+    out = write_result(args.out, params, files, total, rows, {
         "hash_over_save": rows["hash at save (warm)"] / save_s,
         "verify_over_load": {"warm": rows["verify (warm)"] / load_warm, "cold": rows["verify (cold)"] / load_cold},
         "cold_resume_over_load": rows["verify, then load (cold)"] / load_cold,
-    }, indent=2) + "\n")
+    })
     print(f"wrote {out}")
     t.metrics.close()
     t.engine.destroy()

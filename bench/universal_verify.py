@@ -18,9 +18,7 @@ this single process does all of them.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from checkpoint_verify import best, evict, parse_args, stepped_trainer  # noqa: E402
+from checkpoint_verify import best, evict, parse_args, stepped_trainer, write_result  # noqa: E402
 
 from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain import manifest, universal  # noqa: E402
@@ -64,14 +62,8 @@ def main() -> None:
     print(f"{'what':30s} {'seconds':>8s} {'GiB/s':>7s} {'vs convert':>10s}")
     for what, s in rows.items():
         print(f"{what:30s} {s:8.2f} {total / 2**30 / s:7.2f} {s / convert_s:10.0%}")
-    device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_atomic(out, json.dumps({
-        "device": device, "parameters": params, "files": len(files), "bytes": total, "hash": manifest.ALGO,
-        "seconds": rows, "gib_per_s": {k: total / 2**30 / v for k, v in rows.items()},
-        "hash_over_convert": rows["hash universal/ (warm)"] / convert_s,
-    }, indent=2) + "\n")
+    out = write_result(args.out, params, files, total, rows,
+                       {"hash_over_convert": rows["hash universal/ (warm)"] / convert_s})
     print(f"wrote {out}")
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)

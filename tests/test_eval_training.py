@@ -12,15 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_eval_cli import HERE, MODEL, SP_MODEL, local_tasks
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_datasets"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+from test_eval_cli import HERE, MODEL, SP_MODEL, _offline, local_tasks  # noqa: F401  (_offline: the same offline env)
 
 
 def run_config(root: Path, prefix: str, tasks_dir: Path, train_iters: int = 2, **eval_keys):
