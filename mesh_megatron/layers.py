@@ -12,6 +12,7 @@ so a TP split of that dim hands each rank whole heads, and the weights map 1:1 t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -23,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from mesh_megatron.config import ModelConfig
+from mesh_megatron.rng import checkpoint, fork_tp_stream
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,11 +123,8 @@ class SelfAttention(nn.Module):
         # SDPA picks flash / memory-efficient kernels on GPU.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, s, d]
         p = self.cfg.attention_dropout if self.training else 0.0
-        if p > 0 and torch.cuda.is_available():
-            # Heads differ per TP rank, so dropout there uses megatron-core's TP-rank-specific RNG stream.
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:
+        # Heads differ per TP rank, so their dropout masks come from the TP-rank-specific stream.
+        with fork_tp_stream() if p > 0 else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.cfg.head_dim)
         out, _ = self.dense(out)
@@ -163,9 +162,14 @@ class NeoXLayer(nn.Module):
         self.attn = SelfAttention(cfg, mcfg, tp_size)
         self.mlp = MLP(cfg, mcfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        # Under sequence parallelism each TP rank holds its own slice of the sequence: its hidden-dropout mask must be
+        # its own too (the default stream would give every slice the same mask).
+        self.split_sequence = mcfg.sequence_parallel
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
-        return x + self.dropout(self.attn(self.ln1(x), freqs)) + self.dropout(self.mlp(self.ln2(x)))
+        attn, mlp = self.attn(self.ln1(x), freqs), self.mlp(self.ln2(x))
+        with fork_tp_stream() if self.split_sequence and self.training else contextlib.nullcontext():
+            return x + self.dropout(attn) + self.dropout(mlp)
 
 
 class Stack(nn.ModuleList):
@@ -178,7 +182,7 @@ class Stack(nn.ModuleList):
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
         for layer in self:
             if self.recompute_layers and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, freqs, use_reentrant=False)
+                x = checkpoint(layer, x, freqs)
             else:
                 x = layer(x, freqs)
         return x

@@ -14,7 +14,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
+from mesh_megatron import sequence_parallel
 from mesh_megatron.config import ConfigError, ModelConfig
+from mesh_megatron.rng import checkpoint
 from mesh_megatron.layers import Stack, base_std, layer_norm, megatron_config, normal_init, rotary_freqs, torch_dtype
 from mesh_megatron.standalone.connections import EarlyExit, build_connection, check_exit_threshold
 
@@ -26,10 +28,10 @@ class MeshGPTModel(nn.Module):
             raise RuntimeError("call pretrain.distributed.initialize_parallel(tp) before building the model")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cfg.validate_parallel(tp)
-        if cfg.sequence_parallel and tp > 1 and not torch.cuda.is_available():
+        if cfg.sequence_parallel and tp > 1 and not sequence_parallel.buffers_allocatable():
             raise ConfigError(
                 "model.sequence_parallel: needs CUDA (megatron-core's sequence-parallel all-gather / reduce-scatter "
-                "allocate on the GPU, and gloo has no reduce-scatter); set it to false on CPU"
+                "allocate on the GPU); set it to false on CPU"
             )
         self.cfg = cfg
         self.tp_size = tp
@@ -58,24 +60,9 @@ class MeshGPTModel(nn.Module):
             cfg.hidden_size, cfg.padded_vocab_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=False,
             gather_output=False,
         )
-        if self.sequence_parallel:
-            self._sum_replicated_grads_over_tp()
+        self._in_grad_summing_call = False
 
     # ------------------------------------------------------------------------------------------------
-    def _sum_replicated_grads_over_tp(self) -> None:
-        """Under sequence parallelism each TP rank sees a slice of the sequence, so the gradients of replicated
-        parameters (LayerNorms, routers, row-parallel biases) are partial sums: all-reduce them as they arrive."""
-        group = parallel_state.get_tensor_model_parallel_group()
-
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            dist.all_reduce(grad, group=group)
-            return grad
-
-        for p in self.parameters():
-            if not getattr(p, "tensor_model_parallel", False):
-                p.register_hook(hook)
-
     def replicated_parameters(self) -> dict[str, torch.Tensor]:
         """Parameters every TP rank holds in full (must stay identical across TP ranks)."""
         return {n: p for n, p in self.named_parameters() if not getattr(p, "tensor_model_parallel", False)}
@@ -102,6 +89,16 @@ class MeshGPTModel(nn.Module):
         state changes by less than this (relative) in an iteration keeps that state for the rest of the loop. `record`
         then also gets "loops_per_token" [b, s] and "exit_change.<t>" [b, s] (this rank's tokens under SP).
         """
+        if self.sequence_parallel and torch.is_grad_enabled() and not self._in_grad_summing_call:
+            # Replicated parameters see this rank's slice of the sequence: their gradients are summed over TP ranks.
+            self._in_grad_summing_call = True
+            try:
+                return sequence_parallel.call_with_replicated_grads_summed(
+                    self, self.replicated_parameters(), parallel_state.get_tensor_model_parallel_group(),
+                    (input_ids, labels),
+                    dict(num_loops=num_loops, record=record, grad_loops=grad_loops, exit_threshold=exit_threshold))
+            finally:
+                self._in_grad_summing_call = False
         cfg = self.cfg
         k = cfg.num_loops if num_loops is None else num_loops
         if cfg.arch != "vanilla" and k < 1:
@@ -133,7 +130,7 @@ class MeshGPTModel(nn.Module):
                     with torch.no_grad():
                         h_core = self.core(h, freqs)
                 elif cfg.recompute == "loop" and torch.is_grad_enabled():
-                    h_core = torch.utils.checkpoint.checkpoint(self.core, h, freqs, use_reentrant=False)
+                    h_core = checkpoint(self.core, h, freqs)
                 else:
                     h_core = self.core(h, freqs)
                 h_in = h

@@ -189,28 +189,31 @@ def clean_stale_temps(root: Path) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
+    """This rank's generators: Python, NumPy, torch's (CPU, CUDA) and the dropout streams of the model's RNG tracker
+    (mesh_megatron.rng; on the device the run uses, so they are only restored on that kind of device)."""
+    from mesh_megatron import rng
+
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
-        try:
-            from megatron.core import tensor_parallel
-
-            st["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-        except Exception:  # tracker not initialised (no dropout in TP regions)
-            pass
+    st["rng_streams"] = {"device": rng.device_type(), "states": rng.tracker().get_states()}
     return st
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
+    from mesh_megatron import rng
+
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
     if torch.cuda.is_available() and "cuda" in st:
         torch.cuda.set_rng_state(st["cuda"])
-        if "cuda_tracker" in st:
-            from megatron.core import tensor_parallel
-
-            tensor_parallel.get_cuda_rng_tracker().set_states(st["cuda_tracker"])
+    streams = st.get("rng_streams")
+    if streams is None and "cuda_tracker" in st:  # written before the tracker ran on the CPU too: CUDA streams
+        streams = {"device": "cuda", "states": st["cuda_tracker"]}
+    # Streams of another device type cannot be set (different generator states); those of set_seed stay then.
+    if streams is not None and streams["device"] == rng.device_type():
+        rng.tracker().set_states(dict(streams["states"]))
 
 
 # --- atomic small files -------------------------------------------------------------------------------

@@ -375,6 +375,11 @@ def build_run_config(d: dict[str, Any], source: str = "config") -> RunConfig:
     if looped and model.arch == "vanilla":
         raise ConfigError(f"{source}: train.num_loops_train / train.backprop_loops: a vanilla model has no loop; "
                           "remove them or use arch recursive / mesh")
+    if model.sequence_parallel and cfg.parallel.tensor_parallel_size > 1 and cfg.parallel.zero_stage == 3:
+        # The TP sum of the replicated parameters' gradients runs on the parameters as the forward pass sees them,
+        # which ZeRO-3 keeps partitioned and gathers behind module hooks (mesh_megatron/sequence_parallel.py).
+        raise ConfigError(f"{source}: model.sequence_parallel: not supported with parallel.zero_stage 3; use ZeRO-1 or "
+                          "-2 (the optimizer states are partitioned either way) or turn sequence parallelism off")
     try:
         model.validate_parallel(cfg.parallel.tensor_parallel_size)
         cfg.eval.check_run(cfg)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 
+from mesh_megatron import rng
 from mesh_megatron.config import ConfigError
 from pretrain.launcher import env_for_single_process, env_from_slurm
 
@@ -88,16 +88,12 @@ def destroy_parallel() -> None:
 
 
 def set_seed(seed: int) -> None:
-    """Same seed on every rank, so replicated weights (built from full master weights) agree across TP ranks.
-
-    On GPU, megatron-core's RNG tracker additionally gets a TP-rank-specific stream for dropout inside
-    tensor-parallel regions. The tracker is CUDA-only (it asserts without CUDA), so on CPU it is not used.
-    """
+    """Same seed on every rank, so replicated weights and replicated-activation dropout agree across TP ranks; the
+    model's TP-rank-specific dropout stream (heads, sequence-parallel slices) gets seed + 2718 + TP rank, on the GPU or
+    the CPU alike (mesh_megatron.rng)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available() and ps.model_parallel_is_initialized():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    rng.seed_streams(seed, ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0)
 
 
 def setup(tensor_parallel_size: int, backend: str = "auto", timeout_s: int = 1800) -> None:

@@ -3,6 +3,7 @@ processes (imports cost ~6 s per process, so layouts share one launch) and save 
 
 argv: SPEC_JSON OUT_DIR. SPEC = {"base": <run config dict>, "runs": {name: {dotted.key: value}}}."""
 
+import contextlib
 import copy
 import gc
 import json
@@ -18,6 +19,7 @@ import torch.distributed as dist  # noqa: E402
 from pretrain.config import apply_overrides, build_run_config  # noqa: E402
 from pretrain.distributed import assert_replicated_in_sync, tp_rank  # noqa: E402
 from pretrain.train import train  # noqa: E402
+from sp_cpu import megatron_sequence_parallel_on_cpu  # noqa: E402
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -28,7 +30,8 @@ def main(spec_path: str, out_dir: str) -> None:
         drift_check = overrides.pop("_drift_check", False)
         d = apply_overrides(copy.deepcopy(spec["base"]), {k: json.dumps(v) for k, v in overrides.items()})
         d.setdefault("logging", {})["dir"] = os.path.join(out_dir, name)
-        res = train(build_run_config(d, source=name))
+        with megatron_sequence_parallel_on_cpu() if overrides.get("model.sequence_parallel") else contextlib.nullcontext():
+            res = train(build_run_config(d, source=name))
         engine = res.pop("engine")
         if overrides.get("parallel.tensor_parallel_size", 1) > 1:
             # which sequences each rank trained on at step 0: TP peers must match, DP ranks must differ

@@ -64,6 +64,8 @@ def test_split_overrides_forms():
         ({"logging.wandb.mode": "onlin"}, r"did you mean 'online'"),
         ({"parallel.tensor_parallel_size": "3"}, r"num_attention_heads: 4 heads are not divisible by tensor parallel size 3"),
         ({"model.arch": "meshh"}, r"model.arch"),
+        ({"model.sequence_parallel": "true", "parallel.tensor_parallel_size": "2", "parallel.zero_stage": "3"},
+         r"model.sequence_parallel: not supported with parallel.zero_stage 3"),
     ],
 )
 def test_bad_values_are_clear_errors(overrides, pattern):

@@ -1,7 +1,8 @@
 """Parallel layouts give the single-process losses; a TP=2 x ZeRO-3 checkpoint gathers into a TP=1 model.
 
 One torchrun launch of 4 gloo processes runs every layout in turn (tests/pretrain_worker.py): ZeRO-1, -2, -3 over 4
-data-parallel ranks, TP=2 x DP=2 with ZeRO-0, and TP=2 x DP=2 with ZeRO-3 (checkpointed). The reference is one
+data-parallel ranks, TP=2 x DP=2 with ZeRO-0, TP=2 x DP=2 with ZeRO-3 (checkpointed), and TP=2 x DP=2 with sequence
+parallelism under ZeRO-1 and ZeRO-2 (overlapped reduction; run on CPU through tests/sp_cpu.py). The reference is one
 process with ZeRO-0 and gradient accumulation 4, same global batch (8 x 32 tokens), same data, same seed.
 
 Tolerance: 1e-5 absolute on every step's loss (6 AdamW steps, gradient clipping active) and on the validation
@@ -43,6 +44,12 @@ RUNS = {
     "tp2_dp2_zero0": {"parallel.tensor_parallel_size": 2, "train.check_replicated_interval": 1, "_drift_check": True},
     "tp2_dp2_zero3": {"parallel.zero_stage": 3, "parallel.tensor_parallel_size": 2, "train.check_replicated_interval": 1,
                       "checkpoint.save_at_end": True},
+    # Sequence parallelism under DeepSpeed, on CPU through tests/sp_cpu.py: ZeRO-2 with overlapped reduction takes the
+    # gradients in its hooks during the backward pass, so the TP sum of the replicated ones must be done by then.
+    "tp2_dp2_zero1_sp": {"parallel.zero_stage": 1, "parallel.tensor_parallel_size": 2, "model.sequence_parallel": True,
+                         "train.check_replicated_interval": 1},
+    "tp2_dp2_zero2_sp": {"parallel.zero_stage": 2, "parallel.tensor_parallel_size": 2, "model.sequence_parallel": True,
+                         "parallel.overlap_comm": True, "train.check_replicated_interval": 1},
 }
 
 

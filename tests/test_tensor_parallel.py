@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mesh_megatron.tp_shards import merge_tp_state_dicts
-from tp_cases import CASES, run_case
+from tp_cases import CASES, SP_CASES, run_case
 from conftest import run_torchrun
 
 HERE = Path(__file__).parent
@@ -50,4 +50,43 @@ def test_replicated_params_identical_across_tp_ranks(tp2_results, case):
 
 
 def test_sequence_parallel_refused_on_cpu_at_tp2(tp2_results):
+    """Without a GPU megatron-core cannot allocate its sequence-parallel buffers: a readable refusal."""
     assert "model.sequence_parallel" in tp2_results[0]["seqpar_error"] and "CUDA" in tp2_results[0]["seqpar_error"]
+
+
+# --- sequence parallelism (run on CPU through tests/sp_cpu.py: megatron-core's own collectives on gloo) ----------------
+
+
+@pytest.mark.parametrize("case", list(SP_CASES))
+def test_tp2_sequence_parallel_matches_tp1(single_process, tp2_results, case):
+    """TP=2 with the sequence split over the ranks computes the TP=1 model: logits, per-token loss, every gradient
+    (the replicated parameters' summed over the ranks' sequence slices) and 3 AdamW steps; replicated parameters stay
+    bit-identical across the ranks."""
+    ref = run_case(SP_CASES[case])
+    r0, r1 = tp2_results[0][f"sp:{case}"], tp2_results[1][f"sp:{case}"]
+    for r in (r0, r1):
+        torch.testing.assert_close(r["logits"], ref["logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r["token_loss"], ref["token_loss"], atol=1e-5, rtol=0)
+        assert r["losses"] == pytest.approx(ref["losses"], abs=1e-5)
+    grads = merge_tp_state_dicts([r0["grads"], r1["grads"]])
+    assert set(grads) == set(ref["grads"])
+    for name, g in ref["grads"].items():
+        scale = g.abs().max().clamp_min(1e-12)
+        assert (grads[name] - g).abs().max() / scale < 1e-4, name
+    for n in r0["replicated"]:
+        assert torch.equal(r0["replicated"][n], r1["replicated"][n]), n
+
+
+def test_sequence_parallel_hidden_dropout_masks_differ_per_rank(tp2_results):
+    """Replicated activations get one mask on every TP rank; sequence slices get one mask per rank (the TP stream)."""
+    masks = tp2_results[0]["sp_dropout_masks"]
+    rep, sp = masks["replicated"], masks["sequence_parallel"]
+    assert set(rep.unique().tolist()) == {0.0, 2.0, 4.0}  # x + drop(1) + drop(1), p = 0.5: the masks are visible
+    assert torch.equal(rep[0], rep[1])
+    assert not torch.equal(sp[0], sp[1])
+
+
+def test_sequence_parallel_sums_replicated_grads_in_one_all_reduce(tp2_results):
+    """One flat all-reduce per backward for all replicated parameters (LayerNorms, routers, row-parallel biases), not
+    one per parameter."""
+    assert tp2_results[0]["sp_backward_all_reduces"] == 1

@@ -10,12 +10,18 @@ from mesh_megatron.config import ModelConfig
 TINY = dict(hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=250, make_vocab_size_divisible_by=64)
 REC = dict(prelude_layers=1, core_layers=2, num_loops=2, coda_layers=1, scale_embeddings=True, output_layer_init="scaled", **TINY)
 
-# Every architecture the model implements. (Sequence parallelism needs CUDA: see test_model.py.)
+# Every architecture the model implements.
 CASES = {
     "vanilla": dict(arch="vanilla", num_layers=3, **TINY),
     **{c: dict(arch="recursive", connection=c, **REC) for c in (
         "base", "residual", "anchor", "anchor_star", "residual+anchor+anchor_star", "static_comb", "dynamic_comb")},
     "mesh": dict(arch="mesh", **REC),
+}
+# Sequence parallelism (tests/sp_cpu.py runs it on CPU): every connection family, the buffer, recompute of both kinds.
+SP_CASES = {
+    "vanilla": CASES["vanilla"], "anchor": CASES["anchor"], "dynamic_comb": CASES["dynamic_comb"], "mesh": CASES["mesh"],
+    "mesh+recompute_loop": {**CASES["mesh"], "recompute": "loop"},
+    "mesh+recompute_layer": {**CASES["mesh"], "recompute": "layer"},
 }
 STEPS = 3
 

@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from mesh_megatron.config import ConfigError
 from pretrain.distributed import initialize_parallel, tp_rank
-from tp_cases import CASES, run_case
+from sp_cpu import all_reduces_in_one_backward, megatron_sequence_parallel_on_cpu, sequence_parallel_dropout_masks
+from tp_cases import CASES, SP_CASES, run_case
 
 
 def main(out_dir: str) -> None:
@@ -20,6 +21,12 @@ def main(out_dir: str) -> None:
         results["seqpar_error"] = ""
     except ConfigError as e:
         results["seqpar_error"] = str(e)
+    # Then run it anyway, on the CPU stand-in for the one thing gloo-on-CPU lacks (sp_cpu.py).
+    with megatron_sequence_parallel_on_cpu():
+        for name in SP_CASES:
+            results[f"sp:{name}"] = run_case({**SP_CASES[name], "sequence_parallel": True})
+        results["sp_dropout_masks"] = sequence_parallel_dropout_masks()
+        results["sp_backward_all_reduces"] = all_reduces_in_one_backward(SP_CASES["mesh"])
     torch.save(results, f"{out_dir}/rank{tp_rank()}.pt")
     dist.barrier()
 
