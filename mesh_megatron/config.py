@@ -147,6 +147,7 @@ class ModelConfig:
     # --- parallelism / memory ----------------------------------------------------------------
     sequence_parallel: bool = False
     recompute: str = "none"  # activation checkpointing: none | loop (per core iteration) | layer
+    compile: bool = False  # torch.compile each transformer layer in place (runtime knob; docs/configs.md)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -174,6 +175,7 @@ class ModelConfig:
         need(self.output_layer_init in OUTPUT_INITS, "output_layer_init", f"'{self.output_layer_init}' not in {OUTPUT_INITS}")
         need(self.recompute in RECOMPUTE, "recompute", f"'{self.recompute}' not in {RECOMPUTE}{closest(str(self.recompute), RECOMPUTE)}")
         need(self.params_dtype in DTYPES, "params_dtype", f"'{self.params_dtype}' not in {DTYPES}")
+        need(isinstance(self.compile, bool), "compile", f"must be true or false, got {self.compile!r}")
         need(0.0 <= self.hidden_dropout < 1 and 0.0 <= self.attention_dropout < 1, "hidden_dropout", "dropout must be in [0, 1)")
         if self.arch == "vanilla":
             need(self.num_layers >= 1, "num_layers", f"vanilla needs num_layers >= 1, got {self.num_layers}")

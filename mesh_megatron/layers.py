@@ -23,6 +23,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_ro
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from mesh_megatron.compilation import compile_layers
 from mesh_megatron.config import ModelConfig
 from mesh_megatron.rng import checkpoint, fork_tp_stream
 
@@ -37,6 +38,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """N(0, std^2) init. megatron-core's parallel layers require one but, built with perform_initialization=False,
+    never call it: mesh_megatron/weight_init.py draws their weights with these same stds (its _STD table)."""
+
     def init_(t: torch.Tensor) -> torch.Tensor:
         return nn.init.normal_(t, mean=0.0, std=std)
 
@@ -178,6 +182,8 @@ class Stack(nn.ModuleList):
     def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, tp_size: int, n: int, recompute_layers: bool = False):
         super().__init__(NeoXLayer(cfg, mcfg, tp_size) for _ in range(n))
         self.recompute_layers = recompute_layers
+        if cfg.compile:
+            compile_layers(self)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
         for layer in self:

@@ -551,7 +551,7 @@ def read_state(path: Path) -> tuple[TrainerState, dict]:
 
 
 # Model fields that do not change the function the weights compute: they may change on resume (with a note).
-RUNTIME_MODEL_FIELDS = ("name", "recompute", "sequence_parallel", "params_dtype", "hidden_dropout", "attention_dropout")
+RUNTIME_MODEL_FIELDS = ("name", "recompute", "sequence_parallel", "params_dtype", "hidden_dropout", "attention_dropout", "compile")
 
 
 def layout_change(state: TrainerState, cfg, dp_size: int, precision: str) -> str | None:

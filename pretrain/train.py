@@ -13,8 +13,9 @@ import logging
 import math
 import signal
 import sys
-from collections import deque
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,15 +126,34 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _dp_mean(total: torch.Tensor, count: int) -> float:
-    """Mean of per-micro-batch values (their float64 sum `total`, on the device, and their number) across this
-    rank's micro-batches and all data-parallel ranks: one all-reduce and one host sync."""
+def _dp_means(totals: list[torch.Tensor], counts: list[int]) -> list[float]:
+    """For several steps at once: the mean of each step's per-micro-batch values (their float64 sum, on the device,
+    and their number) across this rank's micro-batches and all data-parallel ranks -- one all-reduce and one host
+    sync for all of them."""
     from megatron.core import parallel_state as ps
 
-    t = torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
+    t = torch.stack([torch.stack([x.double() for x in totals]),
+                     torch.tensor(counts, dtype=torch.float64, device=totals[0].device)])
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, group=ps.get_data_parallel_group())
-    return (t[0] / t[1]).item()
+    return (t[0] / t[1]).tolist()
+
+
+@dataclass
+class StepDone:
+    """An optimizer step whose loss is still on the device: `Trainer.log_step` reads it, with its neighbours', at the
+    next flush (one host sync per log interval, not per step)."""
+
+    step: int
+    loss_sum: torch.Tensor  # float64 sum of this rank's micro-batch losses
+    micro_batches: int
+    lr: float
+    grad_norm: float  # nan when the optimizer did not report one
+    grad_norm_reported: bool
+    update_skipped: bool
+    dt: float
+    record: dict[str, Any]  # the step's metrics record, all but the loss
+    eta_s: float
 
 
 def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int, num_loops: int | None = None) -> dict[str, float] | None:
@@ -215,6 +235,7 @@ class Trainer:
         self.run_dir, self.root = cfg.run_dir, cfg.checkpoint_dir
         self.phases: dict[str, float] = {}  # setup wall time by phase, for the banner
         self.losses: list[float] = []
+        self.unreported: list[StepDone] = []  # steps run but not yet reported (log_step / flush_steps)
         self.evals: list[dict] = []
         self.step_times: list[float] = []
         self.last_ckpt: Path | None = None
@@ -398,12 +419,13 @@ class Trainer:
         self.started = time.time()
         try:
             while self.state.step < t.train_iters:
-                self.log_step(*self.train_step())
+                self.log_step(self.train_step())
                 if self.eval_launcher is not None:  # rank 0, non-blocking: results of a finished evaluation
                     self.eval_launcher.poll(self.state.step)
                 if t.eval_interval and self.state.step % t.eval_interval == 0 and self.state.step < t.train_iters:
                     self.run_evals("valid", self.valid_ds)
                 if self.should_stop():
+                    self.flush_steps()
                     self.stop_run()
                     break
                 if self.save_written:
@@ -432,15 +454,15 @@ class Trainer:
             if not self.signalled:
                 self.stop.restore()
 
-    def train_step(self) -> tuple[float, float, float, float]:
-        """One optimizer step over this rank's micro-batches; returns (DP-mean loss, lr used, grad norm, seconds).
+    def train_step(self) -> StepDone:
+        """One optimizer step over this rank's micro-batches; its loss stays on the device (see StepDone).
 
         A non-finite grad-norm skips the update (see NumericsGuard); the step still counts and its batch is consumed,
         so a bad batch is never retried. log_step reports the step and stops the run when the guard says so."""
         engine, t, state = self.engine, self.t, self.state
         t0 = time.time()
         lr = self.optimizer.param_groups[0]["lr"]
-        # the micro-batch losses stay on the device: one host sync per step (in _dp_mean), not one per micro-batch
+        # the micro-batch losses stay on the device: summed there, read with other steps' at the next flush
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         grad_norm = None
         skipped_here = False
@@ -466,22 +488,20 @@ class Trainer:
             else:
                 engine.step()
             loss_sum += loss.detach().double()
-        loss = _dp_mean(loss_sum, len(batches))
         if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm()  # a host float: DeepSpeed's step synced for it already
         reported = grad_norm is not None
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         state.step += 1
         state.consumed_samples += t.global_batch_size
         state.tokens_seen += self.tokens_per_step
-        self.losses.append(loss)
         dt = time.time() - t0
         self.step_times.append(dt)
-        self.step_nonfinite, self.step_spike = self.guard.observe(state.step, loss, grad_norm if reported else None)
-        self.step_update_skipped = skipped_here or not engine.was_step_applied()
+        skipped = skipped_here or not engine.was_step_applied()
         if t.check_replicated_interval and state.step % t.check_replicated_interval == 0:
             pd.assert_replicated_in_sync(engine.module)
-        return loss, lr, grad_norm, dt
+        record, eta = self._step_record(lr, grad_norm, dt)
+        return StepDone(state.step, loss_sum, len(batches), lr, grad_norm, reported, skipped, dt, record, eta)
 
     def _optimizer_applies_nonfinite(self) -> bool:
         """Whether DeepSpeed would apply an update with non-finite gradients. Its ZeRO 1-3 and bf16 optimizers detect
@@ -515,44 +535,72 @@ class Trainer:
             return full
         return full - 2.0 / 3.0 * (full - flops_per_token(self.cfg.model, num_loops=n))
 
-    def log_step(self, loss: float, lr: float, grad_norm: float, dt: float) -> None:
-        """The step's metrics record, with a console line every log_interval steps and at the first and last step;
-        the guard's events (non-finite step, loss spike) after it, then TrainingDiverged if the guard stops the run."""
+    def _step_record(self, lr: float, grad_norm: float, dt: float) -> tuple[dict[str, Any], float]:
+        """The metrics record of the step just run (its loss filled in at the flush) and the run's ETA in seconds."""
         t, step = self.t, self.state.step
         recent = self.step_times[-10:]
         tps = self.tokens_per_step / (sum(recent) / len(recent))
         flops = sum(self.step_flops[-10:]) * self.tokens_per_step / sum(recent)  # of the steps actually run
         mfu = flops / (self.world * self.peak * 1e12) if self.peak else None
         record = {
-            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+            "step": step, "loss": None, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
             "tokens_seen": self.state.tokens_seen, "step_time_s": dt, "memory_gib": memory_gib(),
         }
         if self.loops is not None and not self.loops.fixed:
             record["num_loops"] = self.step_k
         if mfu is not None:
             record["mfu"] = mfu
+        return record, (t.train_iters - step) * (sum(recent) / len(recent))
+
+    def log_step(self, done: StepDone) -> None:
+        """Queue the step for reporting; flush the queue when a report is due (see flush_steps)."""
+        self.unreported.append(done)
+        t, step, save_interval = self.t, done.step, self.cfg.checkpoint.save_interval
+        if (step % t.log_interval == 0 or step == 1 or step == t.train_iters
+                or not math.isfinite(done.grad_norm)  # the guard's decision is due now (also when not reported)
+                or (t.eval_interval and step % t.eval_interval == 0) or (save_interval and step % save_interval == 0)):
+            self.flush_steps()
+
+    def flush_steps(self) -> None:
+        """Report the queued steps (collective): their DP-mean losses in one all-reduce and one host sync, then, step by
+        step, the guard's bookkeeping, the metrics record, a console line every log_interval steps and at the first
+        and last step, the guard's events (non-finite step, loss spike), and TrainingDiverged if the guard stops the
+        run. Due at every log interval, evaluation, checkpoint and stop, and at once after a step whose grad-norm is
+        not finite (or not reported): the guard decides on such a step before the next one runs."""
+        if not self.unreported:
+            return
+        done_steps, self.unreported = self.unreported, []
+        losses = _dp_means([d.loss_sum for d in done_steps], [d.micro_batches for d in done_steps])
+        for done, loss in zip(done_steps, losses):
+            self._report_step(done, loss)
+
+    def _report_step(self, done: StepDone, loss: float) -> None:
+        t, step, lr, grad_norm = self.t, done.step, done.lr, done.grad_norm
+        self.losses.append(loss)
+        nonfinite, spike = self.guard.observe(step, loss, grad_norm if done.grad_norm_reported else None)
+        record = {**done.record, "loss": loss}
         console = None
         if step % t.log_interval == 0 or step == 1 or step == t.train_iters:
-            eta = (t.train_iters - step) * (sum(recent) / len(recent))
+            mfu = record.get("mfu")
             console = (
                 f"step {step:>6}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad-norm {grad_norm:.3f} | "
-                f"{tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                f"mem {record['memory_gib']:.2f} GiB | ETA {fmt_eta(eta)}"
+                f"{record['tokens_per_s']:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"mem {record['memory_gib']:.2f} GiB | ETA {fmt_eta(done.eta_s)}"
             )
         self.metrics.log(record, console=console)
-        if self.step_spike is not None:
-            mean = self.step_spike
+        if spike is not None:
             self.metrics.log(
-                {"event": "loss_spike", "step": step, "spike/loss": loss, "spike/mean": mean, "spike/ratio": loss / mean},
-                console=f"[pretrain] loss spike at step {step}: loss {loss:.4g} is {loss / mean:.3g} x the running mean "
-                f"{mean:.4g} (train.loss_spike_factor {t.loss_spike_factor:g}, window {t.loss_spike_window} steps)",
+                {"event": "loss_spike", "step": step, "spike/loss": loss, "spike/mean": spike,
+                 "spike/ratio": loss / spike},
+                console=f"[pretrain] loss spike at step {step}: loss {loss:.4g} is {loss / spike:.3g} x the running mean "
+                f"{spike:.4g} (train.loss_spike_factor {t.loss_spike_factor:g}, window {t.loss_spike_window} steps)",
             )
-        if self.step_nonfinite:
-            self._log_nonfinite(step, loss, grad_norm, lr)
+        if nonfinite:
+            self._log_nonfinite(step, loss, grad_norm, lr, done.update_skipped)
 
-    def _log_nonfinite(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+    def _log_nonfinite(self, step: int, loss: float, grad_norm: float, lr: float, skipped: bool) -> None:
         """Report a non-finite step (console, metrics.jsonl, wandb) and raise TrainingDiverged if the run must stop."""
-        guard, skipped = self.guard, self.step_update_skipped
+        guard = self.guard
         self.metrics.log(
             {"event": "nonfinite", "step": step, "update_skipped": skipped, "nonfinite_in_a_row": guard.in_a_row},
             console=f"[pretrain] step {step}: loss {loss:.6g}, grad-norm {grad_norm:.6g} (non-finite): "
@@ -623,6 +671,7 @@ class Trainer:
 
     def finish(self) -> None:
         """End of training: validation and test, and a last checkpoint unless this step already has one."""
+        self.flush_steps()
         self.run_evals("valid", self.valid_ds)
         self.run_evals("test", self.test_ds)
         self.commit_save()  # a background save still being written: the run waits for it and commits it

@@ -140,22 +140,25 @@ def data_prefix(tmp_path_factory):
 def test_nonfinite_step_changes_nothing_and_the_next_one_trains(data_prefix, tmp_path, zero, capsys):
     run_dir = tmp_path / "run"
     with trainer(run_config(data_prefix, run_dir, **{"parallel.zero_stage": zero})) as t:
-        t.log_step(*t.train_step())
+        t.log_step(t.train_step())
         before, micro = snapshot(t.engine), t.engine.micro_steps
         heal = set_first(final_ln(t.engine), float("nan"))  # every logit NaN: NaN loss and gradients
-        loss, lr, grad_norm, dt = t.train_step()
+        bad = t.train_step()
         heal()
-        assert math.isnan(loss) and not math.isfinite(grad_norm)
+        assert not math.isfinite(bad.grad_norm) and bad.update_skipped
         assert differences(before, snapshot(t.engine)) == []
         assert t.state.step == 2 and t.state.consumed_samples == 2 * 4  # the bad batch is consumed, not retried
         assert t.engine.micro_steps == micro + 2  # accumulation 2: the next step starts on a fresh window
-        t.log_step(loss, lr, grad_norm, dt)
+        t.log_step(bad)  # reported at once: the guard decides on a non-finite step before the next one runs
+        assert math.isnan(t.losses[-1]) and not t.unreported
         after = snapshot(t.engine)
-        loss3, lr3, grad_norm3, dt3 = t.train_step()
-        assert math.isfinite(loss3) and math.isfinite(grad_norm3) and t.engine.was_step_applied()
-        assert lr3 == lr  # the LR schedule was held for the skipped step
+        good = t.train_step()
+        assert math.isfinite(good.grad_norm) and t.engine.was_step_applied()
+        assert good.lr == bad.lr  # the LR schedule was held for the skipped step
         assert any(k.startswith("weight ") for k in differences(after, snapshot(t.engine)))
-        t.log_step(loss3, lr3, grad_norm3, dt3)
+        t.log_step(good)
+        t.flush_steps()
+        assert math.isfinite(t.losses[-1])
     events = [r for r in records(run_dir) if r.get("event") == "nonfinite"]
     assert [(e["step"], e["update_skipped"], e["nonfinite_in_a_row"]) for e in events] == [(2, True, 1)]
     assert [r["step"] for r in records(run_dir) if "loss" in r] == [1, 2, 3]
@@ -165,11 +168,11 @@ def test_nonfinite_step_changes_nothing_and_the_next_one_trains(data_prefix, tmp
 def test_stop_action_ends_the_run_at_the_first_nonfinite_step(data_prefix, tmp_path):
     d = run_config(data_prefix, tmp_path / "run", **{"train.nonfinite_action": "stop"})
     with trainer(d) as t:
-        t.log_step(*t.train_step())
+        t.log_step(t.train_step())
         set_first(final_ln(t.engine), float("inf"))
         with pytest.raises(ConfigError, match=r"^train.nonfinite_action stop: step 2 has loss nan .*update was "
                            r"skipped, no checkpoint written\); lower train.lr \(peak 0.003\)") as e:
-            t.log_step(*t.train_step())
+            t.log_step(t.train_step())
     assert "\n" not in str(e.value)
 
 
@@ -206,11 +209,33 @@ def test_loss_spike_is_reported(data_prefix, tmp_path, capsys):
     run_dir = tmp_path / "run"
     with trainer(run_config(data_prefix, run_dir, **{"train.lr": 1.0})) as t:  # default: 2 x the running mean
         for _ in range(2):
-            t.log_step(*t.train_step())
+            t.log_step(t.train_step())
     spikes = [r for r in records(run_dir) if r.get("event") == "loss_spike"]
     assert [r["step"] for r in spikes] == [2] and spikes[0]["spike/ratio"] > 2
     assert spikes[0]["spike/mean"] == records(run_dir)[0]["loss"] and "loss" not in spikes[0]
     assert "[pretrain] loss spike at step 2: loss " in capsys.readouterr().out
+
+
+def test_losses_are_read_once_per_log_interval(data_prefix, tmp_path, monkeypatch):
+    """The step losses stay on the device and are read in one all-reduce + host sync per log interval (and at the
+    first and last step), with the values a per-step read gives."""
+    import pretrain.train as train_mod
+
+    reads = []
+    real = train_mod._dp_means
+    monkeypatch.setattr(train_mod, "_dp_means", lambda totals, counts: reads.append(len(totals)) or real(totals, counts))
+    per_step = {}
+    for interval in (3, 1):
+        run_dir = tmp_path / f"every{interval}"
+        with trainer(run_config(data_prefix, run_dir, **{"train.log_interval": interval, "train.train_iters": 7})) as t:
+            for _ in range(7):
+                t.log_step(t.train_step())
+                if interval == 3 and t.state.step == 5:
+                    assert [d.step for d in t.unreported] == [4, 5]  # run, not yet read
+            assert not t.unreported
+        per_step[interval] = [(r["step"], r["loss"]) for r in records(run_dir) if "loss" in r]
+    assert reads == [1, 2, 3, 1] + [1] * 7
+    assert per_step[3] == per_step[1] and [s for s, _ in per_step[3]] == list(range(1, 8))
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -457,10 +482,10 @@ def worker(spec_path: str) -> None:
             t.save()  # step_1
             step1 = snapshot(t.engine)
             heal = set_first(final_ln(t.engine), float("nan")) if rank == 1 else (lambda: None)
-            t.train_step()
+            bad = t.train_step()
             heal()
             res["skipped_step_changed"] = differences(step1, snapshot(t.engine))
-            res["reported_skipped"] = t.step_nonfinite and t.step_update_skipped
+            res["reported_skipped"] = not math.isfinite(bad.grad_norm) and bad.update_skipped
             t.train_step()
             res["next_step_applied"] = t.engine.was_step_applied()
             t.save()  # step_3

@@ -216,7 +216,9 @@ def reference_logits(cfg: ModelConfig, sd: dict[str, torch.Tensor], input_ids: t
     from pretrain.distributed import initialize_parallel
 
     initialize_parallel(1)
-    model = MeshGPTModel(cfg.replace(params_dtype="float32", sequence_parallel=False, recompute="none", hidden_dropout=0.0, attention_dropout=0.0))
+    # the eager model (model.compile off): the reference is the plain computation, and costs no compile time
+    model = MeshGPTModel(cfg.replace(params_dtype="float32", sequence_parallel=False, recompute="none", hidden_dropout=0.0,
+                                     attention_dropout=0.0, compile=False))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]
     if missing or unexpected:
