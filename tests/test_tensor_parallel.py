@@ -24,10 +24,8 @@ def tp2_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_tp2_matches_tp1(single_process, tp2_results, case):
-    ref = run_case(CASES[case])
-    r0, r1 = tp2_results[0][case], tp2_results[1][case]
+def assert_tp2_matches(ref: dict, r0: dict, r1: dict) -> None:
+    """Both TP ranks' logits, per-token losses and step losses match TP=1, and their merged gradients too."""
     for r in (r0, r1):
         torch.testing.assert_close(r["logits"], ref["logits"], atol=1e-5, rtol=0)
         torch.testing.assert_close(r["token_loss"], ref["token_loss"], atol=1e-5, rtol=0)
@@ -37,6 +35,13 @@ def test_tp2_matches_tp1(single_process, tp2_results, case):
     for name, g in ref["grads"].items():
         scale = g.abs().max().clamp_min(1e-12)
         assert (grads[name] - g).abs().max() / scale < 1e-4, name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_matches_tp1(single_process, tp2_results, case):
+    ref = run_case(CASES[case])
+    r0, r1 = tp2_results[0][case], tp2_results[1][case]
+    assert_tp2_matches(ref, r0, r1)
     # The losses must actually move, or the comparison above proves little.
     assert ref["losses"][-1] < ref["losses"][0]
 
@@ -64,15 +69,7 @@ def test_tp2_sequence_parallel_matches_tp1(single_process, tp2_results, case):
     bit-identical across the ranks."""
     ref = run_case(SP_CASES[case])
     r0, r1 = tp2_results[0][f"sp:{case}"], tp2_results[1][f"sp:{case}"]
-    for r in (r0, r1):
-        torch.testing.assert_close(r["logits"], ref["logits"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(r["token_loss"], ref["token_loss"], atol=1e-5, rtol=0)
-        assert r["losses"] == pytest.approx(ref["losses"], abs=1e-5)
-    grads = merge_tp_state_dicts([r0["grads"], r1["grads"]])
-    assert set(grads) == set(ref["grads"])
-    for name, g in ref["grads"].items():
-        scale = g.abs().max().clamp_min(1e-12)
-        assert (grads[name] - g).abs().max() / scale < 1e-4, name
+    assert_tp2_matches(ref, r0, r1)
     for n in r0["replicated"]:
         assert torch.equal(r0["replicated"][n], r1["replicated"][n]), n
 
