@@ -74,9 +74,11 @@ def megatron_config(cfg: ModelConfig, tp_size: int) -> TransformerConfig:
         tensor_model_parallel_size=tp_size,
         sequence_parallel=cfg.sequence_parallel and tp_size > 1,
         params_dtype=torch_dtype(cfg.params_dtype),
-        # Full master weights are built on CPU and then split: the same seed gives the same model at any TP size.
-        use_cpu_initialization=True,
-        perform_initialization=True,
+        # megatron-core only allocates this rank's shards -- on the GPU when the model is built under a CUDA default
+        # device (`with torch.device("cuda")`), else on the host -- and mesh_megatron.weight_init fills them: the same
+        # seed gives the same model at any TP size with no full master weights on the host.
+        use_cpu_initialization=torch.get_default_device().type != "cuda",
+        perform_initialization=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         rotary_interleaved=False,

@@ -19,6 +19,7 @@ from mesh_megatron.config import ConfigError, ModelConfig
 from mesh_megatron.rng import checkpoint
 from mesh_megatron.layers import Stack, base_std, layer_norm, megatron_config, normal_init, rotary_freqs, torch_dtype
 from mesh_megatron.standalone.connections import EarlyExit, build_connection, check_exit_threshold
+from mesh_megatron.weight_init import initialize_parallel_weights
 
 
 class MeshGPTModel(nn.Module):
@@ -60,6 +61,8 @@ class MeshGPTModel(nn.Module):
             cfg.hidden_size, cfg.padded_vocab_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=False,
             gather_output=False,
         )
+        # Every rank fills only its own shards, on their device; the same seed gives the same model at any TP size.
+        initialize_parallel_weights(self, cfg)
         self._in_grad_summing_call = False
 
     # ------------------------------------------------------------------------------------------------

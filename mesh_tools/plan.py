@@ -26,6 +26,20 @@ Memory per GPU (bytes; Psi = parameters held by one TP rank, N_d = data-parallel
 The estimate is validated against tensors measured on CPU for the tiny configs (tests/test_plan.py); the GPU side
 is not yet validated against torch.cuda.max_memory_allocated (no GPU was available).
 
+Host memory per rank (bytes; the node holds gpus_per_node of them):
+
+  process           libraries and, on a GPU, the CUDA runtime's host side: a fixed allowance (host_overhead_gib).
+  model build       0 on a GPU: every rank allocates and draws only its own shards, on its GPU
+                    (mesh_megatron/weight_init.py; megatron-core's CPU master-weight init once put 4 Psi + the
+                    largest full weight on the host of every rank). On a CPU run (fp32) the whole per-rank estimate
+                    above lives on the host instead.
+  checkpoint load   DeepSpeed reads the rank's ZeRO optimizer partition (or, at ZeRO-0, the whole optimizer state)
+                    into host memory before copying it to the GPU: the optimizer states above.
+  async save        `checkpoint.async_save`: the rank's weights and optimizer partition are snapshotted into pinned
+                    host buffers (pretrain/async_save.py).
+  The load happens at start-up and a snapshot during training, so the peak is the process plus the larger of the two.
+  Token files are memory-mapped: page cache shared by the node's ranks, not counted per rank.
+
 Refuses (exit 2, with the reason and a fix) a layout whose sizes do not divide (heads, FFN or vocabulary % TP,
 GPUs % TP, global batch % (micro x DP): naming the node counts that divide) or whose estimate exceeds the GPU memory
 minus the headroom. When the run's checkpoint directory holds a checkpoint, the plan says which layout it was saved
@@ -55,6 +69,10 @@ PYTHIA_TRAIN_TOKENS = 143_000 * 1024 * 2048  # Pythia: 143k steps of 1024 x 2048
 # Well-tuned dense bf16 training reaches ~40-55% MFU (PaLM 46%, Megatron-LM at scale ~50%): a "measured" rate above
 # this is far more likely a cluster-wide rate, a forward-only timing or a guess than a record.
 MFU_WARN = 0.60
+
+
+# torch + DeepSpeed + megatron-core + the trainer imported, no CUDA: 0.39 GiB RSS measured on CPU
+CPU_PROCESS_GIB = 0.5
 
 
 class PlanError(ValueError):
@@ -138,6 +156,10 @@ class Layout:
     recompute: str | None = None  # None: the model config's
     headroom: float = 0.10  # fraction of GPU memory left free for fragmentation / spikes
     overhead_gib: float = 3.0  # CUDA context + NCCL + allocator allowance per GPU (0 on CPU)
+    # host side of one rank's process: torch / DeepSpeed / megatron-core imports measured at 0.4 GiB on CPU, plus the
+    # CUDA runtime's host memory on a GPU (an allowance, not yet measured on one)
+    host_overhead_gib: float = 2.0
+    async_save: bool = False  # checkpoint.async_save: pinned host snapshots of the rank's state
     bucket_elems: float = 5e8  # DeepSpeed reduce_bucket_size (Pythia's value)
 
     @property
@@ -163,7 +185,18 @@ class Plan:
     buffers: float
     total: float
     tokens_per_step: int
+    host: dict[str, float] = field(default_factory=dict)  # per-rank host memory by part (see module docstring)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def host_per_rank(self) -> float:
+        """Peak host bytes of one rank: the process, the build, and the larger of checkpoint load / async save."""
+        h = self.host
+        return h["process"] + h["model build"] + max(h["checkpoint load"], h["async save snapshot"])
+
+    @property
+    def host_per_node(self) -> float:
+        return self.host_per_rank * max(self.layout.gpus_per_node, 1)
 
     @property
     def fits(self) -> bool:
@@ -268,8 +301,19 @@ def estimate(cfg: ModelConfig, layout: Layout) -> Plan:
     return Plan(
         cfg=cfg, layout=L, params_total=count_parameters(cfg)["total"], params_per_rank=psi, grad_accum=grad_accum,
         states=states, activations=acts, mesh_buffer=buf, logits=logits, buffers=buffers, total=total,
-        tokens_per_step=L.global_batch * cfg.seq_length, problems=problems,
+        tokens_per_step=L.global_batch * cfg.seq_length, host=host_bytes(L, states, total), problems=problems,
     )
+
+
+def host_bytes(L: Layout, states: dict[str, float], device_total: float) -> dict[str, float]:
+    """Host memory of one rank by part (module docstring, "Host memory per rank")."""
+    on_cpu = L.precision == "fp32"  # a CPU run: the device is the host
+    return {
+        "process": (CPU_PROCESS_GIB if on_cpu else L.host_overhead_gib) * GiB,
+        "model build": device_total if on_cpu else 0.0,
+        "checkpoint load": states["optimizer"],
+        "async save snapshot": states["weights"] + states["optimizer"] if L.async_save else 0.0,
+    }
 
 
 def batch_problem(L: Layout) -> str | None:
@@ -437,6 +481,16 @@ def report(plan: Plan, tokens_per_s: float | None, train_tokens: float, efficien
         f"  {'TOTAL (recompute=' + rc + ')':40s}{gb(plan.total)}   of {L.gpu_memory_gb:g} GB "
         f"({L.headroom:.0%} kept free)",
         "",
+        "per-rank host memory (GB)",
+        f"  {'process (libraries, CUDA runtime)':40s}{gb(plan.host['process'])}",
+        f"  {'model build' + (' (the run itself, on CPU)' if L.precision == 'fp32' else ' (shards drawn on the GPU)'):40s}"
+        f"{gb(plan.host['model build'])}",
+        f"  {'checkpoint load (optimizer partition)':40s}{gb(plan.host['checkpoint load'])}",
+        f"  {'async save snapshot' + ('' if L.async_save else ' (off)'):40s}"
+        f"{gb(plan.host['async save snapshot'])}",
+        f"  {'PEAK per rank':40s}{gb(plan.host_per_rank)}   x {max(L.gpus_per_node, 1)} ranks = "
+        f"{plan.host_per_node / 1e9:.1f} GB per node",
+        "",
     ]
     if tokens_per_s:
         sec = time_to_train(train_tokens, tokens_per_s, L.world, efficiency)
@@ -458,6 +512,7 @@ def report(plan: Plan, tokens_per_s: float | None, train_tokens: float, efficien
 def layout_from_run(run: dict[str, Any], nodes: int, gpus_per_node: int, gpu_memory_gb: float) -> Layout:
     """Layout fields from a run dict's train / parallel sections (the trainer's defaults where absent)."""
     train, par = run.get("train", {}) or {}, run.get("parallel", {}) or {}
+    ckpt = run.get("checkpoint", {}) or {}
     prec = train.get("precision", "auto")
     if prec == "auto":
         prec = "bf16" if gpus_per_node and gpu_memory_gb else "fp32"
@@ -465,6 +520,7 @@ def layout_from_run(run: dict[str, Any], nodes: int, gpus_per_node: int, gpu_mem
         nodes=nodes, gpus_per_node=gpus_per_node, tp=int(par.get("tensor_parallel_size", 1)),
         zero=int(par.get("zero_stage", 1)), micro_batch=int(train.get("micro_batch_size", 4)),
         global_batch=int(train.get("global_batch_size", 1024)), gpu_memory_gb=gpu_memory_gb, precision=prec,
+        async_save=bool(ckpt.get("async_save", False)),
     )
 
 

@@ -316,12 +316,15 @@ class Trainer:
         """The model and the DeepSpeed engine (AdamW, LR schedule, ZeRO partitioning)."""
         import deepspeed
         from mesh_megatron.model import MeshGPTModel
+        from mesh_megatron.weight_init import build_device
 
         cfg, t = self.cfg, self.t
-        # Same seed everywhere: full master weights are built identically on every rank, then split over TP.
+        # Same seed everywhere: every rank draws the same model (mesh_megatron/weight_init.py) and keeps its TP shards,
+        # allocated and drawn on its GPU where there is one (nothing of the model built on the host).
         pd.set_seed(t.seed)
         t_phase = time.time()
-        model = MeshGPTModel(cfg.model)
+        with build_device():
+            model = MeshGPTModel(cfg.model)
         # How each parameter is split over TP, saved with every checkpoint and used to load one into another layout.
         universal.attach_info(model)
         universal.mark_tp_layout(model, self.tp_size)

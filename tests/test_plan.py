@@ -281,3 +281,44 @@ def test_a_throughput_above_the_sane_mfu_warns_and_a_plausible_one_does_not(caps
     rc = main(["--job", "slurm/jobs/pythia-1.4b-mesh.yaml", "--tokens-per-sec", "20000", "--gpu", "NVIDIA H100 80GB HBM3"])
     out, err = capsys.readouterr()
     assert rc == 0 and "warning" not in err and f"({mfu:.0%} MFU at {PEAK_TFLOPS['H100']:g} TFLOP/s peak)" in out
+
+
+def test_host_memory_per_rank_on_gpu_holds_no_model_build():
+    cfg = ModelConfig.from_yaml("configs/pythia-6.9b-mesh.yaml")
+    base = dict(nodes=2, gpus_per_node=8, tp=2, zero=1, micro_batch=4, global_batch=1024)
+    plan = estimate(cfg, Layout(**base))
+    h = plan.host
+    # each rank draws its own shards on its GPU: nothing of the model is built on the host
+    assert h["model build"] == 0.0 and h["async save snapshot"] == 0.0
+    # DeepSpeed reads the rank's ZeRO optimizer partition into host memory on resume
+    assert h["checkpoint load"] == plan.states["optimizer"] > 0
+    assert plan.host_per_rank == h["process"] + h["checkpoint load"]
+    assert plan.host_per_node == 8 * plan.host_per_rank
+    # async save snapshots weights + optimizer partition to pinned host memory; load and save never overlap
+    snap = estimate(cfg, Layout(**base, async_save=True))
+    assert snap.host["async save snapshot"] == plan.states["weights"] + plan.states["optimizer"]
+    assert snap.host_per_rank == h["process"] + snap.host["async save snapshot"]
+    # ZeRO-0 keeps the whole optimizer state on every rank: it is all read on the host
+    z0 = estimate(cfg, Layout(**{**base, "zero": 0}))
+    assert z0.host["checkpoint load"] == pytest.approx(plan.layout.dp * plan.states["optimizer"])
+
+
+def test_host_memory_of_a_cpu_run_is_the_run_itself():
+    cfg = ModelConfig.from_yaml("configs/tiny-mesh.yaml")
+    plan = estimate(cfg, Layout(nodes=1, gpus_per_node=1, zero=0, micro_batch=2, global_batch=2, precision="fp32",
+                                gpu_memory_gb=0))
+    assert plan.host["model build"] == plan.total
+    assert plan.host["process"] < 1 * 2**30  # no CUDA runtime on a CPU node
+
+
+def test_plan_reports_host_memory_per_rank_and_node(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("config: configs/pythia-1.4b-mesh.yaml\nnodes: 1\ngpus_per_node: 8\n"
+                   "overrides:\n  checkpoint.async_save: true\n")
+    assert main(["--job", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "per-rank host memory (GB)" in out and "shards drawn on the GPU" in out
+    peak = next(line for line in out.splitlines() if "PEAK per rank" in line)
+    assert "x 8 ranks =" in peak and "GB per node" in peak
+    snap = next(line for line in out.splitlines() if "async save snapshot" in line)
+    assert "(off)" not in snap and float(snap.split()[-1]) > 0
