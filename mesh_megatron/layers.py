@@ -170,11 +170,11 @@ class NeoXLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         # Under sequence parallelism each TP rank holds its own slice of the sequence: its hidden-dropout mask must be
         # its own too (the default stream would give every slice the same mask).
-        self.split_sequence = mcfg.sequence_parallel
+        self.own_masks = mcfg.sequence_parallel and cfg.hidden_dropout > 0
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
         attn, mlp = self.attn(self.ln1(x), freqs), self.mlp(self.ln2(x))
-        with fork_tp_stream() if self.split_sequence and self.training else contextlib.nullcontext():
+        with fork_tp_stream() if self.own_masks and self.training else contextlib.nullcontext():
             return x + self.dropout(attn) + self.dropout(mlp)
 
 
