@@ -24,8 +24,6 @@ import torch.utils.checkpoint
 from megatron.core.tensor_parallel import random as mcore_random
 
 TP_STREAM = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME  # "model-parallel-rng": differs per TP rank
-DP_STREAM = mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME  # "data-parallel-rng": the default stream's seed
-TP_SEED_OFFSET = 2718  # megatron-core's offset of the TP stream's seed (model_parallel_cuda_manual_seed)
 
 
 def _on_cuda() -> bool:
@@ -100,12 +98,13 @@ def _install(t: DeviceRNGTracker) -> DeviceRNGTracker:
 
 
 def seed_streams(seed: int, tp_rank: int) -> None:
-    """Seed the default generators with `seed` (the same on every rank) and the TP stream with seed + 2718 + tp_rank,
-    as megatron-core's model_parallel_cuda_manual_seed does, on the model's device."""
+    """Seed the default generators with `seed` (the same on every rank) and a fresh tracker's streams by megatron-core's
+    own `model_parallel_cuda_manual_seed` (the TP stream: seed + 2718 + tp_rank), on the model's device."""
     torch.manual_seed(seed)  # the CPU generator and, where there is one, every CUDA generator
-    t = _install(DeviceRNGTracker())
-    t.add(DP_STREAM, seed)
-    t.add(TP_STREAM, seed + TP_SEED_OFFSET + tp_rank)
+    _install(DeviceRNGTracker())
+    # It adds the streams through our tracker's `add`; no expert parallelism here (ep / etp rank 0). Its own
+    # torch.cuda.manual_seed is a queued no-op without a GPU (and repeats torch.manual_seed's with one).
+    mcore_random.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0)
 
 
 def fork_tp_stream():
