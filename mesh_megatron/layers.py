@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +36,10 @@ def torch_dtype(name: str) -> torch.dtype:
 # --- initialisation -------------------------------------------------------------------------------
 
 
-def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """N(0, std^2) init. megatron-core's parallel layers require one but, built with perform_initialization=False,
-    never call it: mesh_megatron/weight_init.py draws their weights with these same stds (its _STD table)."""
-
-    def init_(t: torch.Tensor) -> torch.Tensor:
-        return nn.init.normal_(t, mean=0.0, std=std)
-
-    return init_
+def drawn_by_weight_init(weight: torch.Tensor) -> None:
+    """The init_method megatron-core's parallel layers require. Built with perform_initialization=False they never call
+    it: mesh_megatron/weight_init.py draws their weights (its _STD table holds each weight's std)."""
+    raise RuntimeError("megatron-core initialised a parallel weight itself; mesh_megatron.weight_init draws them")
 
 
 def base_std(cfg: ModelConfig) -> float:
@@ -110,10 +105,10 @@ class SelfAttention(nn.Module):
         self.cfg = cfg
         self.heads_local = cfg.num_attention_heads // tp_size
         self.qkv = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=True, gather_output=False
+            cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=drawn_by_weight_init, bias=True, gather_output=False
         )
         self.dense = tensor_parallel.RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(output_std(cfg)), bias=True,
+            cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=drawn_by_weight_init, bias=True,
             input_is_parallel=True, skip_bias_add=False,
         )
         self.mcfg = mcfg
@@ -141,10 +136,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig):
         super().__init__()
         self.fc1 = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, cfg.ffn_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=True, gather_output=False
+            cfg.hidden_size, cfg.ffn_size, config=mcfg, init_method=drawn_by_weight_init, bias=True, gather_output=False
         )
         self.fc2 = tensor_parallel.RowParallelLinear(
-            cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=normal_init(output_std(cfg)), bias=True,
+            cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=drawn_by_weight_init, bias=True,
             input_is_parallel=True, skip_bias_add=False,
         )
 

@@ -17,7 +17,7 @@ from torch import nn
 from mesh_megatron import sequence_parallel
 from mesh_megatron.config import ConfigError, ModelConfig
 from mesh_megatron.rng import checkpoint
-from mesh_megatron.layers import Stack, base_std, layer_norm, megatron_config, normal_init, rotary_freqs, torch_dtype
+from mesh_megatron.layers import Stack, drawn_by_weight_init, layer_norm, megatron_config, rotary_freqs, torch_dtype
 from mesh_megatron.standalone.connections import EarlyExit, build_connection, check_exit_threshold
 from mesh_megatron.weight_init import initialize_parallel_weights
 
@@ -41,7 +41,7 @@ class MeshGPTModel(nn.Module):
         dtype = torch_dtype(cfg.params_dtype)
 
         self.embed = tensor_parallel.VocabParallelEmbedding(
-            cfg.padded_vocab_size, cfg.hidden_size, init_method=normal_init(base_std(cfg)), config=mcfg,
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=drawn_by_weight_init, config=mcfg,
             reduce_scatter_embeddings=self.sequence_parallel,
         )
         per_layer = cfg.recompute == "layer"
@@ -58,7 +58,7 @@ class MeshGPTModel(nn.Module):
         self.final_ln = layer_norm(cfg)
         # Untied output embedding (Pythia); vocab split over TP ranks, logits stay split for the parallel CE.
         self.lm_head = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, cfg.padded_vocab_size, config=mcfg, init_method=normal_init(base_std(cfg)), bias=False,
+            cfg.hidden_size, cfg.padded_vocab_size, config=mcfg, init_method=drawn_by_weight_init, bias=False,
             gather_output=False,
         )
         # Every rank fills only its own shards, on their device; the same seed gives the same model at any TP size.

@@ -32,8 +32,8 @@ from torch import nn
 from mesh_megatron.config import ModelConfig
 from mesh_megatron.layers import base_std, output_std
 
-# parallel weight (name suffix) -> its std, as layers.py passes it to the parallel layers: small_init for the
-# embeddings and input projections, the depth-scaled std for the two output projections (attention out, MLP down).
+# parallel weight (name suffix) -> its std (the one place that says it; layers.py defines the two rules): small_init
+# for the embeddings and input projections, the depth-scaled std for the two output projections (attn out, MLP down).
 _STD: dict[str, Callable[[ModelConfig], float]] = {
     "embed.weight": base_std,
     "attn.qkv.weight": base_std,
