@@ -144,16 +144,25 @@ class StepDone:
     """An optimizer step whose loss is still on the device: `Trainer.log_step` reads it, with its neighbours', at the
     next flush (one host sync per log interval, not per step)."""
 
-    step: int
     loss_sum: torch.Tensor  # float64 sum of this rank's micro-batch losses
     micro_batches: int
-    lr: float
-    grad_norm: float  # nan when the optimizer did not report one
     grad_norm_reported: bool
     update_skipped: bool
-    dt: float
-    record: dict[str, Any]  # the step's metrics record, all but the loss
+    record: dict[str, Any]  # the step's metrics record (step, lr, grad_norm, ...), all but the loss
     eta_s: float
+
+    @property
+    def step(self) -> int:
+        return self.record["step"]
+
+    @property
+    def lr(self) -> float:
+        return self.record["lr"]
+
+    @property
+    def grad_norm(self) -> float:
+        """nan when the optimizer did not report one"""
+        return self.record["grad_norm"]
 
 
 def evaluate(engine, dataset, cfg: RunConfig, dp_rank: int, dp_size: int, num_loops: int | None = None) -> dict[str, float] | None:
@@ -504,7 +513,7 @@ class Trainer:
         if t.check_replicated_interval and state.step % t.check_replicated_interval == 0:
             pd.assert_replicated_in_sync(engine.module)
         record, eta = self._step_record(lr, grad_norm, dt)
-        return StepDone(state.step, loss_sum, len(batches), lr, grad_norm, reported, skipped, dt, record, eta)
+        return StepDone(loss_sum, len(batches), reported, skipped, record, eta)
 
     def _optimizer_applies_nonfinite(self) -> bool:
         """Whether DeepSpeed would apply an update with non-finite gradients. Its ZeRO 1-3 and bf16 optimizers detect
@@ -559,10 +568,14 @@ class Trainer:
         """Queue the step for reporting; flush the queue when a report is due (see flush_steps)."""
         self.unreported.append(done)
         t, step, save_interval = self.t, done.step, self.cfg.checkpoint.save_interval
-        if (step % t.log_interval == 0 or step == 1 or step == t.train_iters
+        if (self._console_due(step)
                 or not math.isfinite(done.grad_norm)  # the guard's decision is due now (also when not reported)
                 or (t.eval_interval and step % t.eval_interval == 0) or (save_interval and step % save_interval == 0)):
             self.flush_steps()
+
+    def _console_due(self, step: int) -> bool:
+        """A console line for this step: every log_interval steps, and the first and last."""
+        return step % self.t.log_interval == 0 or step == 1 or step == self.t.train_iters
 
     def flush_steps(self) -> None:
         """Report the queued steps (collective): their DP-mean losses in one all-reduce and one host sync, then, step by
@@ -583,7 +596,7 @@ class Trainer:
         nonfinite, spike = self.guard.observe(step, loss, grad_norm if done.grad_norm_reported else None)
         record = {**done.record, "loss": loss}
         console = None
-        if step % t.log_interval == 0 or step == 1 or step == t.train_iters:
+        if self._console_due(step):
             mfu = record.get("mfu")
             console = (
                 f"step {step:>6}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad-norm {grad_norm:.3f} | "
